@@ -1,7 +1,7 @@
 """CounterFact / zsRE table on a model for no edit, ROME, MEMIT, EMMET (batch sizes 1, 10, 100), next to
 the published GPT-2 XL / GPT-J numbers (algorithms.md §5.7, §6.4), plus the batch-size plot.
 
-    python benchmarks/eval_table.py run   [--model smollm2-135m] [--limit 100] [--only NAME ...]
+    python benchmarks/eval_table.py run   [--model smollm2-135m] [--limit 100] [--rome-limit 50] [--only NAME ...]
     python benchmarks/eval_table.py table [--out benchmarks/results/eval_table.md]
 
 ``run`` executes the ``factlab eval`` commands one after another (each resumable; finished runs are
@@ -46,35 +46,43 @@ ZS_COLS = [("Score", "zsre_score"), ("Efficacy", "rewrite_token_accuracy"), ("Pa
            ("Specificity", "specificity_token_accuracy")]
 
 
-def plan(model: str, limit: int, zsre_limit: int, batch_sizes: list[int]) -> list[tuple[str, list[str]]]:
-    cf = ["--known-only", "--limit", str(limit), "--gen-prompts", "1", "--gen-every", "10"]
-    zs = ["--limit", str(zsre_limit)]
+def plan(model: str, limit: int, zsre_limit: int, batch_sizes: list[int], rome_limit: int | None = None,
+         zsre_rome_limit: int | None = None) -> list[tuple[str, list[str]]]:
+    """The ``factlab eval`` runs in the order they are executed: the largest batches first (their values
+    fill the value cache that the smaller batch sizes then reuse), ROME, the smaller batches, zsRE."""
+    def cf(n):
+        return ["--known-only", "--limit", str(n), "--gen-prompts", "1", "--gen-every", "10"]
+
+    def zs(n):
+        return ["--limit", str(n)]
+
     out = []
 
     def add(ds, method, bs, extra):
         name = f"eval_{ds}_{method}" + (f"_b{bs}" if method != "none" else "")
         out.append((name, ["factlab", "eval", ds, "--model", model, "--method", method, "--batch-size", str(bs), *extra, "--out", str(RUNS / name)]))
 
-    add("counterfact", "none", 1, cf)
-    add("zsre", "none", 1, zs)
-    add("counterfact", "rome", 1, cf)  # first: its cases finish one by one, so a partial table is possible early
-    for bs in sorted(batch_sizes, reverse=True):
-        if bs > 1:
-            add("counterfact", "emmet", bs, cf)
-            add("counterfact", "memit", bs, cf)
-    if 1 in batch_sizes:
-        add("counterfact", "memit", 1, cf)
-        add("counterfact", "emmet", 1, cf)
-    big = max(batch_sizes)
+    add("counterfact", "none", 1, cf(limit))
+    add("zsre", "none", 1, zs(zsre_limit))
+    sizes = sorted(batch_sizes, reverse=True)
+    big = sizes[0]
     if big > 1:
-        add("zsre", "memit", big, zs)
-        add("zsre", "emmet", big, zs)
-    add("zsre", "rome", 1, zs)
+        add("counterfact", "memit", big, cf(limit))
+        add("counterfact", "emmet", big, cf(limit))
+    add("counterfact", "rome", 1, cf(rome_limit or limit))
+    for bs in sizes:
+        if bs != big or bs == 1:
+            add("counterfact", "memit", bs, cf(limit))
+            add("counterfact", "emmet", bs, cf(limit))
+    if big > 1:
+        add("zsre", "memit", big, zs(zsre_limit))
+        add("zsre", "emmet", big, zs(zsre_limit))
+    add("zsre", "rome", 1, zs(zsre_rome_limit or zsre_limit))
     return out
 
 
 def cmd_run(a) -> None:
-    for name, cmd in plan(a.model, a.limit, a.zsre_limit, a.batch_sizes):
+    for name, cmd in plan(a.model, a.limit, a.zsre_limit, a.batch_sizes, a.rome_limit, a.zsre_rome_limit):
         if a.only and name not in a.only:
             continue
         if (RUNS / name / "summary.json").exists():
@@ -151,6 +159,8 @@ def main() -> None:
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--limit", type=int, default=100)
     r.add_argument("--zsre-limit", type=int, default=100)
+    r.add_argument("--rome-limit", type=int, default=None, help="cases for the ROME runs (default --limit; ROME edits one at a time)")
+    r.add_argument("--zsre-rome-limit", type=int, default=None)
     r.add_argument("--only", nargs="*")
     r.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100])
     r.add_argument("--threads", type=int, default=1)

@@ -258,9 +258,9 @@ def test_divergence_restores_earlier_requests(tiny_models, tiny_env, monkeypatch
         edit(lm, REQ, hparams=_hp(lm, v_lr=float("inf")), on_known="edit")
     assert same_weights(lm, snap)
     # the second ROME request fails after the first was written: everything is rolled back
-    import factlab.edit.policy as policy
+    import factlab.edit.value_cache as value_cache
 
-    real, calls = policy.optimise_values, []
+    real, calls = value_cache.optimise_values, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -268,7 +268,7 @@ def test_divergence_restores_earlier_requests(tiny_models, tiny_env, monkeypatch
             raise DivergenceError("simulated")
         return real(*a, **k)
 
-    monkeypatch.setattr(policy, "optimise_values", flaky)
+    monkeypatch.setattr(value_cache, "optimise_values", flaky)
     with pytest.raises(DivergenceError, match="simulated"):
         edit(lm, REQS[:2], hparams=_hp(lm), on_known="edit")
     assert same_weights(lm, snap)

@@ -57,3 +57,33 @@ def test_batched_requests_optimise_as_if_alone(tiny_models, tiny_env):
     for i in range(2):
         torch.testing.assert_close(together.delta[i], alone[i].delta[0], rtol=1e-4, atol=1e-6)
         assert together.steps[i] == alone[i].steps[0]
+
+
+def test_value_cache_reuses_values_and_edits_the_same(tiny_models, tiny_env, tmp_path, monkeypatch):
+    """A cached value gives the same edit as a fresh one; a second call optimises nothing; ROME's later
+    requests (solved on the already-edited model) never read the cache."""
+    import factlab.edit.value_cache as vc
+    from factlab.edit import ValueCache, edit
+
+    lm = tiny_models["gpt2"]
+    hp = {**TINY_HP, "layers": (0, 1)}
+    calls = []
+    real = vc.optimise_values
+    monkeypatch.setattr(vc, "optimise_values", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    fresh = edit(lm, REQS, method="memit", hparams=hp, on_known="edit")
+    fresh.restore()
+    cache = ValueCache(tmp_path / "values")
+    first = edit(lm, REQS, method="memit", hparams=hp, on_known="edit", value_cache=cache)
+    first.restore()
+    assert calls == [2, 2]
+    second = edit(lm, REQS[::-1], method="memit", hparams=hp, on_known="edit", value_cache=tmp_path / "values")
+    second.restore()
+    assert calls == [2, 2]  # both values came from the cache (order does not matter)
+    for name, d in fresh.deltas.items():
+        torch.testing.assert_close(first.deltas[name], d, rtol=0, atol=0)
+        torch.testing.assert_close(second.deltas[name], d, rtol=1e-4, atol=1e-6)
+    calls.clear()
+    rome = edit(lm, REQS, method="rome", hparams={**TINY_HP, "layers": (1,)}, on_known="edit", value_cache=cache)
+    rome.restore()
+    assert calls == [1, 1]
+    assert len(list((tmp_path / "values").glob("*.json"))) == 3  # only the first ROME request was stored

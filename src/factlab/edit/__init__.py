@@ -28,6 +28,7 @@ from factlab.edit.hparams import EditHparams, all_hparams, default_hparams
 from factlab.edit.requests import Request, as_requests, find_conflicts, load_requests
 from factlab.edit.result import EditResult
 from factlab.edit.stats import SecondMoment, StatsSpec, export_stats, import_stats, second_moment, second_moments
+from factlab.edit.value_cache import ValueCache
 from factlab.edit.values import Values
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "StatsMismatchError",
     "StatsSpec",
     "TargetAlreadyKnownError",
+    "ValueCache",
     "Values",
     "all_hparams",
     "as_requests",

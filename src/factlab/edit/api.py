@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from factlab.edit.requests import Request, as_requests, check_conflicts
 from factlab.edit.result import EditResult, edited_value
 from factlab.edit.solvers import dense, emmet_factors, memit_factors, rome_factors
 from factlab.edit.stats import SecondMoment, second_moments
+from factlab.edit.value_cache import ValueCache
 from factlab.edit.values import Values
 from factlab.models import LoadedModel
 from factlab.models.adapters.base import Projection
@@ -96,6 +98,7 @@ def edit(
     stats: StatsArg = None,
     projection: str | None = None,
     on_known: OnKnown = "error",
+    value_cache: ValueCache | str | Path | None = None,
 ) -> EditResult:
     """Rewrite facts in ``lm``'s weights and return what was done (the model is edited on return).
 
@@ -111,6 +114,10 @@ def edit(
         projection: which linear map to rewrite (e.g. Mamba ``"in_proj.ssm"``); default the family's.
         on_known: a request whose target the model already predicts raises (``"error"``), is dropped
             (``"skip"``) or is edited anyway (``"edit"``).
+        value_cache: a :class:`~factlab.edit.value_cache.ValueCache` (or its folder) to reuse optimised
+            values across calls on the *same unedited weights* (e.g. one fact at several batch sizes);
+            used only for values computed before this call's first update. Leave it ``None`` when the
+            model may already carry edits.
 
     Raises :class:`~factlab.edit.errors.EditError` subclasses; on any error the weights are left as they were.
     """
@@ -182,13 +189,14 @@ def edit(
 
     try:
         kw = dict(hp=hp, templates=templates, key_templates=key_templates, objective=objective, update=update, timings=timings)
-        if method == "rome":
+        cache = ValueCache(Path(value_cache)) if isinstance(value_cache, (str, Path)) else value_cache
+        if method == "rome":  # each request is solved on the model the earlier ones edited: only the first may be cached
             for i, r in enumerate(reqs):
-                single_layer(lm, [r], projs[hp.layers[0]], check_values=check_values(i), **kw)
+                single_layer(lm, [r], projs[hp.layers[0]], check_values=check_values(i), value_cache=cache if i == 0 else None, **kw)
         elif len(hp.layers) == 1 and method == "emmet":
-            single_layer(lm, reqs, projs[hp.layers[0]], check_values=check_values(0), **kw)
+            single_layer(lm, reqs, projs[hp.layers[0]], check_values=check_values(0), value_cache=cache, **kw)
         else:
-            spread(lm, reqs, projs, check_values=check_values(0), **kw)
+            spread(lm, reqs, projs, check_values=check_values(0), value_cache=cache, **kw)
     except BaseException:
         with torch.no_grad():
             for n, orig in originals.items():

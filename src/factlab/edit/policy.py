@@ -21,7 +21,8 @@ from factlab.edit.errors import EditError
 from factlab.edit.hparams import EditHparams
 from factlab.edit.keys import average_by_request, compute_keys, read_at_subject, template_rows
 from factlab.edit.requests import Request
-from factlab.edit.values import Values, optimise_values
+from factlab.edit.value_cache import ValueCache, cached_values
+from factlab.edit.values import Values
 from factlab.models import LoadedModel
 from factlab.models.adapters.base import Projection
 
@@ -51,6 +52,7 @@ def single_layer(
     update: Update,
     check_values: Callable[[Values], list[int]],
     timings: dict[str, float],
+    value_cache: ValueCache | None = None,
 ) -> Values:
     """Keys and a value at ``proj``'s output for each request, then one solve at ``proj.layer``."""
     import time
@@ -64,7 +66,7 @@ def single_layer(
     K = compute_keys(lm, requests, proj.key_site, key_templates)
     timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
-    vals = optimise_values(lm, requests, site=proj.out_site, layer=proj.layer, templates=templates, hp=hp)
+    vals = cached_values(lm, requests, site=proj.out_site, layer=proj.layer, templates=templates, hp=hp, cache=value_cache)
     timings["values"] = timings.get("values", 0.0) + time.perf_counter() - t
     keep = check_values(vals)
     if not keep:
@@ -91,6 +93,7 @@ def spread(
     update: Update,
     check_values: Callable[[Values], list[int]],
     timings: dict[str, float],
+    value_cache: ValueCache | None = None,
 ) -> Values:
     """MEMIT's residual spreading over ``projs`` (ascending layers); see the module doc."""
     import time
@@ -105,7 +108,7 @@ def spread(
     z_layer = layers[-1]
     z_site = f"layer.{z_layer}.resid"
     t = time.perf_counter()
-    vals = optimise_values(lm, requests, site=z_site, layer=z_layer, templates=templates, hp=hp)
+    vals = cached_values(lm, requests, site=z_site, layer=z_layer, templates=templates, hp=hp, cache=value_cache)
     timings["values"] = timings.get("values", 0.0) + time.perf_counter() - t
     keep = check_values(vals)
     if not keep:

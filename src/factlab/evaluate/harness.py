@@ -11,6 +11,8 @@ twice. Pre-edit scores depend only on (model, data, metric settings) and are cac
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -223,15 +225,19 @@ def _evaluate(lm: LoadedModel, cfg: EvalConfig, case: Case, reference: TfidfRefe
     return mq.evaluate_case(lm, case.record, cfg=cfg.mquake)
 
 
-def default_editor(lm: LoadedModel, requests: list[dict[str, Any]], method: str, layers, hparams) -> Any:
-    """Edit with :func:`factlab.edit.edit` (the model is edited on return; the result restores it)."""
+def default_editor(lm: LoadedModel, requests: list[dict[str, Any]], method: str, layers, hparams, value_cache: Any = None) -> Any:
+    """Edit with :func:`factlab.edit.edit` (the model is edited on return; the result restores it).
+
+    ``value_cache``: a folder or :class:`factlab.edit.ValueCache` reused across calls (only correct when
+    every call starts from the unedited weights, as non-sequential runs do)."""
     try:
         from factlab.edit import Request, edit
     except ImportError as e:  # pragma: no cover - depends on the edit package being installed
         raise RuntimeError(f"method {method!r} needs factlab.edit, which could not be imported: {e}") from e
     # the papers edit every case, also those whose target the model already predicts
     return edit(
-        lm, [Request.from_dict(r) for r in requests], method=method, layers=list(layers) if layers else None, hparams=hparams, on_known="edit"
+        lm, [Request.from_dict(r) for r in requests], method=method, layers=list(layers) if layers else None, hparams=hparams,
+        on_known="edit", value_cache=value_cache,
     )
 
 
@@ -398,6 +404,7 @@ def evaluate(
     pre_cache_dir: str | os.PathLike[str] | None = None,
     dist: DistContext | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    reuse_values: bool = True,
 ) -> Summary:
     """Evaluate ``method`` on a dataset and return the :class:`Summary` (also written to ``out``).
 
@@ -409,7 +416,7 @@ def evaluate(
     the model is restored at the end). ``out``: run directory (resumable); without it, a temporary
     one is used. ``editor`` replaces :func:`default_editor` (for other editors or tests). Under
     ``torchrun`` cases are split across processes and rank 0 writes the merged summary; every rank
-    returns it. The model is unchanged on return.
+    returns it. The model is unchanged on return. ``reuse_values``: see :func:`run_evaluation`.
     """
     records = None
     if not isinstance(dataset, str):
@@ -433,7 +440,8 @@ def evaluate(
         zsre_convention=zsre_convention,
         mquake=mquake,
     )
-    return run_evaluation(lm, cfg, out=out, records=records, editor=editor, pre_cache_dir=pre_cache_dir, dist=dist, on_record=on_record)
+    return run_evaluation(lm, cfg, out=out, records=records, editor=editor, pre_cache_dir=pre_cache_dir, dist=dist, on_record=on_record,
+                          reuse_values=reuse_values)
 
 
 def run_evaluation(
@@ -446,8 +454,13 @@ def run_evaluation(
     pre_cache_dir: str | os.PathLike[str] | None = None,
     dist: DistContext | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    reuse_values: bool = True,
 ) -> Summary:
-    """:func:`evaluate` with an :class:`EvalConfig`."""
+    """:func:`evaluate` with an :class:`EvalConfig`.
+
+    ``reuse_values``: with the default editor and a non-sequential run, optimised values are cached under
+    ``cache_dir()/edit/values`` and reused by later runs on the same facts and weights (e.g. MEMIT at
+    batch sizes 1, 10 and 100 optimise each fact's value once; see :mod:`factlab.edit.value_cache`)."""
     import tempfile
 
     cfg.validate()
@@ -484,6 +497,8 @@ def run_evaluation(
             raise ValueError("no cases to evaluate (check --limit / --known-only and the data file)")
         run.fill_pre(selected, "full", "pre-edit scores")
         editor_fn = editor or default_editor
+        if editor is None and reuse_values and not cfg.sequential:
+            editor_fn = functools.partial(default_editor, value_cache=cache_dir() / "edit" / "values")
         batches = [selected[i : i + cfg.batch_size] for i in range(0, len(selected), cfg.batch_size)]
         if cfg.sequential:
             _run_sequential(run, run_dir, batches, editor_fn, on_record)

@@ -17,8 +17,8 @@ removes it (erases; below ``-1`` it reverses it). The remainder after removing e
 part is the MLP's own, head-independent write; its logit-lens rank of the answer measures "function
 application".
 
-Which submodules form the MLP is a per-family table here (``_SPECS``); a family without an entry
-(Mamba has no MLP) raises a clear error.
+Which submodules form the MLP comes from the adapter (:class:`factlab.models.adapters.base.MlpModules`);
+a family without one (Mamba has no MLP) raises a clear error.
 """
 
 from __future__ import annotations
@@ -34,30 +34,16 @@ from torch.func import functional_call
 from factlab.confidence import mean_ci
 from factlab.mechanisms._common import MechanismError, answer_token, decode_rank, freeze_norm
 from factlab.mechanisms.contributions import decompose
+from factlab.models.adapters.base import MlpModules
 from factlab.models.loading import LoadedModel
 
 
-@dataclass(frozen=True)
-class _Spec:
-    norm: str
-    up: str
-    act: str
-    down: str
-    gate: str | None = None
-    parallel: bool = False
-
-
-def _spec(lm: LoadedModel) -> _Spec:
-    fam = lm.adapter.family
-    if fam in ("llama", "gemma3"):
-        return _Spec("post_attention_layernorm" if fam == "llama" else "pre_feedforward_layernorm", "mlp.up_proj", "mlp.act_fn", "mlp.down_proj", "mlp.gate_proj")
-    if fam == "gpt2":
-        return _Spec("ln_2", "mlp.c_fc", "mlp.act", "mlp.c_proj")
-    if fam == "gptj":
-        return _Spec("ln_1", "mlp.fc_in", "mlp.act", "mlp.fc_out", parallel=True)
-    if fam == "gpt_neox":
-        return _Spec("post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.act", "mlp.dense_4h_to_h", parallel=bool(getattr(lm.adapter.config, "use_parallel_residual", True)))
-    raise MechanismError(f"the {fam} family has no MLP to decompose (Mamba's mixers are not MLPs)" if fam == "mamba" else f"no MLP decomposition for the {fam} family")
+def _spec(lm: LoadedModel) -> MlpModules:
+    sp = lm.adapter.mlp
+    if sp is None:
+        fam = lm.adapter.family
+        raise MechanismError(f"the {fam} family has no MLP to decompose (Mamba's mixers are not MLPs)" if fam == "mamba" else f"no MLP decomposition for the {fam} family")
+    return sp
 
 
 def _f64(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

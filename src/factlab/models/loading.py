@@ -172,6 +172,11 @@ def _folder_id(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set to a true value in the environment now."""
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def _offline_help(name: str) -> str:
     short = ", ".join(PACKAGED)
     return (
@@ -233,8 +238,12 @@ def load(
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    hub: dict = {"revision": revision} if revision else {}
+    if source == name and _hub_offline():  # read now: huggingface_hub reads it only once, at import
+        hub["local_files_only"] = True
+    kwargs.update(hub)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **({"revision": revision} if revision else {}))
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         if source == name:

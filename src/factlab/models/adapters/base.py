@@ -59,6 +59,24 @@ class SiteSpec:
 
 
 @dataclass(frozen=True)
+class MlpModules:
+    """The submodules of one block's MLP, as paths relative to the block (for exact linear analyses).
+
+    ``norm``: the pre-MLP norm; ``up``/``down``: the input and output projections; ``act``: the
+    activation module; ``gate``: the gate projection of a gated MLP (``down(act(gate(x)) * up(x))``),
+    ``None`` for a plain one (``down(act(up(x)))``); ``parallel``: the MLP reads the block's input (GPT-J,
+    GPT-NeoX's parallel residual), not the residual after this block's attention.
+    """
+
+    norm: str
+    up: str
+    act: str
+    down: str
+    gate: str | None = None
+    parallel: bool = False
+
+
+@dataclass(frozen=True)
 class Projection:
     """A linear map inside a layer that an editor may rewrite, in a fixed orientation.
 
@@ -139,6 +157,8 @@ class Adapter:
     trace_kinds: dict[str, str] = field(default_factory=dict)
     #: whether the model's forward takes ``position_ids`` (Mamba's does not)
     uses_position_ids: bool = True
+    #: the MLP's submodules (``None``: the family has no MLP, e.g. Mamba)
+    mlp: MlpModules | None = None
 
     # ------------------------------------------------------------------ sites
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factlab.models.adapters.base import Adapter, SiteSpec
+from factlab.models.adapters.base import Adapter, MlpModules, SiteSpec
 
 CONFIG_CLASSES = ("GPT2Config",)
 
@@ -39,4 +39,5 @@ def make(config: object) -> Adapter:
         },
         final_norm_path="transformer.ln_f",
         trace_kinds={"residual": "resid", "mlp": "mlp.out", "attn": "attn.out"},
+        mlp=MlpModules("ln_2", "mlp.c_fc", "mlp.act", "mlp.c_proj"),
     )

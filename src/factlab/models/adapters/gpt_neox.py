@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factlab.models.adapters.base import Adapter, SiteSpec
+from factlab.models.adapters.base import Adapter, MlpModules, SiteSpec
 
 CONFIG_CLASSES = ("GPTNeoXConfig",)
 
@@ -38,4 +38,6 @@ def make(config: object) -> Adapter:
         },
         final_norm_path="gpt_neox.final_layer_norm",
         trace_kinds={"residual": "resid", "mlp": "mlp.out", "attn": "attn.out"},
+        mlp=MlpModules("post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.act", "mlp.dense_4h_to_h",
+                       parallel=bool(getattr(c, "use_parallel_residual", True))),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factlab.models.adapters.base import Adapter, SiteSpec
+from factlab.models.adapters.base import Adapter, MlpModules, SiteSpec
 
 CONFIG_CLASSES = ("GPTJConfig",)
 
@@ -38,4 +38,5 @@ def make(config: object) -> Adapter:
         },
         final_norm_path="transformer.ln_f",
         trace_kinds={"residual": "resid", "mlp": "mlp.out", "attn": "attn.out"},
+        mlp=MlpModules("ln_1", "mlp.fc_in", "mlp.act", "mlp.fc_out", parallel=True),
     )

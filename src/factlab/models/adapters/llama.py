@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factlab.models.adapters.base import Adapter, SiteSpec
+from factlab.models.adapters.base import Adapter, MlpModules, SiteSpec
 
 CONFIG_CLASSES = ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config")
 
@@ -40,4 +40,6 @@ def make(config: object, family: str = "llama") -> Adapter:
         },
         final_norm_path="model.norm",
         trace_kinds={"residual": "resid", "mlp": "mlp.out", "attn": "attn.out"},
+        mlp=MlpModules("pre_feedforward_layernorm" if family == "gemma3" else "post_attention_layernorm", "mlp.up_proj", "mlp.act_fn",
+                       "mlp.down_proj", "mlp.gate_proj"),
     )
