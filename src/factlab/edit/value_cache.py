@@ -80,17 +80,18 @@ def cached_values(
 ) -> Values:
     """:func:`~factlab.edit.values.optimise_values`, reading and filling ``cache`` (``None``: no cache).
 
-    Requests found in the cache are not optimised again; the rest are optimised together and stored.
-    Returns the values in request order.
+    Requests found in the cache are not optimised again; the rest are optimised ``hp.v_batch`` at a time
+    and each chunk is stored as soon as it is done. Returns the values in request order.
     """
     if cache is None:
         return optimise_values(lm, requests, site=site, layer=layer, templates=templates, hp=hp)
     keys = [cache.key(lm, site, layer, templates, hp, r) for r in requests]
     found = {i: v for i, k in enumerate(keys) if (v := cache.get(k)) is not None}
     todo = [i for i in range(len(requests)) if i not in found]
-    if todo:
-        fresh = optimise_values(lm, [requests[i] for i in todo], site=site, layer=layer, templates=templates, hp=hp)
-        for j, i in enumerate(todo):
+    for s in range(0, len(todo), hp.v_batch):  # stored chunk by chunk: an interrupted run keeps what it finished
+        chunk = todo[s : s + hp.v_batch]
+        fresh = optimise_values(lm, [requests[i] for i in chunk], site=site, layer=layer, templates=templates, hp=hp)
+        for j, i in enumerate(chunk):
             cache.put(keys[i], fresh, j)
             found[i] = Values(v0=fresh.v0[j : j + 1], delta=fresh.delta[j : j + 1], site=site,
                               **{k: [getattr(fresh, k)[j]] for k in _LISTS})
