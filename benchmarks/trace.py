@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="residual,mlp,attn")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--no-reference", action="store_true", help="time only the fast paths")
+    ap.add_argument("--bound-only", action="store_true", help="only print each fact's work bound (no timing)")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
     lm = factlab.load(args.model)
@@ -65,6 +66,9 @@ def main() -> None:
     for f in facts:
         setup = prepare(lm, f.prompt, f.subject, samples=args.samples)
         works.append(work_ratio(setup, kinds, 10))
+        if args.bound_only:
+            print(f"  {f.known_id:4d} {len(setup.tokens):2d} tok  first corrupted position {setup.first_diff}  work bound {works[-1]:.2f}x  {f.prompt!r}")
+            continue
         tf = tr = ta = cf = cr = 0.0
         t0, p0 = time.perf_counter(), time.process_time()
         fast = trace_kinds(lm, f.prompt, f.subject, kinds, setup=setup)  # all kinds in one engine run
@@ -87,6 +91,9 @@ def main() -> None:
         ratio = f"{tr / tf:5.1f}x wall, {cr / cf:5.1f}x cpu" if tr else "  -  "
         print(f"  {f.known_id:4d} {len(setup.tokens):2d} tok  fast {tf:7.2f} s ({cf:6.1f} cpu-s)  reference {tr:7.2f} s ({cr:6.1f} cpu-s)  "
               f"{ratio}  attribution {ta:6.2f} s  {f.prompt!r}")
+    if args.bound_only:
+        print(f"work bound over {len(works)} facts: mean {np.mean(works):.2f}x (range {min(works):.2f}-{max(works):.2f}x)")
+        return
     r = float(np.corrcoef(np.concatenate(exact_all), np.concatenate(attr_all))[0, 1])
     print(f"total: fast {t_fast:.1f} s ({c_fast:.1f} cpu-s), reference {t_ref:.1f} s ({c_ref:.1f} cpu-s), "
           f"speed-up {t_ref / t_fast if t_ref else float('nan'):.2f}x wall, {c_ref / c_fast if c_ref else float('nan'):.2f}x cpu, "
