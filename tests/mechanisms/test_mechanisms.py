@@ -157,6 +157,13 @@ def test_collect_and_summaries(tiny_models, family, tmp_path):
 
     oc = overconfidence(lm, st)
     json.loads(oc.to_json())
+    from factlab.mechanisms.overconfidence import suppression_on
+
+    every = suppression_on(lm, st, np.ones(st.n, dtype=bool))
+    assert every["n"] == st.n and every["final_layer_prob_change"]["mean"] == pytest.approx(oc.final_layer_prob_change.mean)
+    assert every["mlp_dla_centered"]["mean"] == pytest.approx(oc.mlp_dla.mean)
+    one = suppression_on(lm, st, np.arange(st.n) == 1)
+    assert one["n"] == 1 and one["final_layer_prob_change"]["mean"] == pytest.approx(st.lens_prob[1, -1] - st.lens_prob[1, -2])
     if family == "mamba":
         from factlab.mechanisms.heads import argument_heads
 

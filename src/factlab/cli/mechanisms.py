@@ -116,6 +116,13 @@ def dataset_cmd(
         f"lowers it for {oc['suppressed_fraction']['mean']:.1%} of facts"
     )
     console.print(f"final attention centred DLA {oc['attn_dla_centered']['mean']:+.3f}, final MLP {oc['mlp_dla_centered']['mean']:+.3f}")
+    ok = rep["overconfidence_known"]
+    if ok["n"]:
+        console.print(
+            f"over the {ok['n']} facts the model knows: {ok['final_layer_prob_change']['mean']:+.4f} "
+            f"[{ok['final_layer_prob_change']['low']:+.4f}, {ok['final_layer_prob_change']['high']:+.4f}], "
+            f"lowered for {ok['suppressed_fraction']['mean']:.1%}"
+        )
     if rep.get("argument_heads"):
         console.print("argument heads: " + ", ".join(f"L{h['layer']}.H{h['head']}{'*' if h['passes'] else ''}" for h in rep["argument_heads"][:5]))
     if out is not None:

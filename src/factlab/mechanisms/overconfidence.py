@@ -94,6 +94,30 @@ class OverconfidenceReport:
         plot_overconfidence(path, self)
 
 
+def suppression_on(lm: LoadedModel, stats: FactStats, mask: np.ndarray) -> dict[str, object]:
+    """The final block's effect on the answer over the facts selected by ``mask`` ``(N,)`` bool (e.g. the
+    facts the model gets right): change in the answer's lens probability across the last block, the
+    fraction of facts for which it falls, and the centred direct contributions of the last layer's
+    attention and MLP (logit units)."""
+    L = lm.adapter.n_layers
+    m = np.asarray(mask, dtype=bool)
+    p = stats.lens_prob[m]
+    dp = p[:, -1] - p[:, -2]
+    kinds, layers = np.array(stats.kinds), np.array(stats.part_layers)
+    attn_idx = np.where(((kinds == "head") | (kinds == "attn_bias")) & (layers == L - 1))[0]
+    mlp_idx = np.where(((kinds == "mlp") | (kinds == "mixer")) & (layers == L - 1))[0]
+    dlac = stats.dla_centered[m]
+    return {
+        "n": int(m.sum()),
+        "final_layer_prob_change": mean_ci(dp).to_dict(),
+        "suppressed_fraction": mean_ci((dp < 0).astype(float)).to_dict(),
+        "prob_before_final": mean_ci(p[:, -2]).to_dict(),
+        "prob_after_final": mean_ci(p[:, -1]).to_dict(),
+        "attn_dla_centered": mean_ci(dlac[:, attn_idx].sum(1)).to_dict() if len(attn_idx) else None,
+        "mlp_dla_centered": mean_ci(dlac[:, mlp_idx].sum(1)).to_dict(),
+    }
+
+
 def overconfidence(
     lm: LoadedModel, stats: FactStats, counts: UnigramCounts | None = None, *, first_threshold: float = 0.5
 ) -> OverconfidenceReport:

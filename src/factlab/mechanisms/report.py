@@ -26,7 +26,7 @@ def dataset_report(
     """Run every dataset-level measurement on the facts ``name`` and return a JSON-ready dict; with
     ``out`` also write ``fact_stats.npz/json``, ``summary.json`` and PNGs there."""
     from factlab.mechanisms.frequency import unigram_counts
-    from factlab.mechanisms.overconfidence import overconfidence
+    from factlab.mechanisms.overconfidence import overconfidence, suppression_on
 
     cases = load_cases(name, limit)
     stats = collect(lm, cases, batch_size=batch_size)
@@ -46,6 +46,8 @@ def dataset_report(
         "top1_accuracy": mean_ci(stats.top1.astype(float)).to_dict(),
         "lens": lens.to_dict(),
         "overconfidence": oc.to_dict(),
+        # the same over the facts the model knows (top-1 = the answer's first token), as the paper's setting
+        "overconfidence_known": suppression_on(lm, stats, stats.top1.astype(bool)),
         "unigram": counts.to_dict(),
     }
     if lm.adapter.has_attention:
