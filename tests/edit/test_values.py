@@ -87,3 +87,23 @@ def test_value_cache_reuses_values_and_edits_the_same(tiny_models, tiny_env, tmp
     rome.restore()
     assert calls == [1, 1]
     assert len(list((tmp_path / "values").glob("*.json"))) == 3  # only the first ROME request was stored
+
+
+def test_kv_prefix_path_equals_full_positions(tiny_models, tiny_env, monkeypatch):
+    """With an exact KV cache, steps after the first feed only the positions from the earliest subject
+    token on; the optimised values equal those of full-width passes (the plain path)."""
+    from factlab.models.adapters.base import Adapter
+
+    for fam in ("llama", "gpt2", "gpt_neox"):
+        lm = tiny_models[fam]
+        assert lm.adapter.exact_kv_cache
+        hp = resolve_hparams(lm, "rome", {**TINY_HP, "layers": (1,), "early_stop_loss": 0.0})
+        site = lm.adapter.projection(1).out_site
+        t = context_templates(lm, hp.context)
+        fast = optimise_values(lm, REQS, site=site, layer=1, templates=t, hp=hp)
+        with monkeypatch.context() as m:
+            m.setattr(Adapter, "exact_kv_cache", property(lambda self: False))
+            plain = optimise_values(lm, REQS, site=site, layer=1, templates=t, hp=hp)
+        torch.testing.assert_close(fast.delta, plain.delta, rtol=1e-4, atol=1e-6)
+        assert fast.steps == plain.steps
+        assert max(abs(a - b) for a, b in zip(fast.prob_after, plain.prob_after)) < 1e-5

@@ -7,7 +7,10 @@ of ``"{subject} is a"`` + ``v_weight_decay * ||delta|| / ||v0||^2``; Adam; ``||d
 ``clamp_norm_factor * ||v0||``; a request stops once its loss is below ``early_stop_loss``.
 
 Exact speed-ups over the reference: blocks below the edit layer run once (their output cannot change)
-and each step resumes from there; logits are computed only at the target and KL positions; requests
+and each step resumes from there; for families with an exact KV cache, positions before every row's
+subject cannot change either, so after the first pass each step feeds only the positions from the
+earliest subject token on and reads the earlier keys/values from that pass; logits are computed only
+at the target and KL positions; requests
 are optimised together (Adam is element-wise, so each request's trajectory is the one it would have
 alone) and leave the batch once they stop; parameter gradients are off.
 """
@@ -174,10 +177,17 @@ def _optimise_chunk(
     if layer > 0:
         hidden = run_and_capture(lm, batch, [f"layer.{layer - 1}.resid"], stop_early=True)[f"layer.{layer - 1}.resid"]
     state: dict[str, torch.Tensor] = {}
+    # keys/values of every block from the first (delta = 0) pass: positions before every row's subject
+    # cannot change with delta, so later passes feed only positions >= the earliest subject position
+    use_kv = adapter.exact_kv_cache
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
-    def forward(rows: torch.Tensor) -> torch.Tensor:
-        """Last-block output ``(len(rows), T, d)`` for ``rows`` of the batch with the current delta written."""
-        r_local, r_pos, r_req = torch.arange(len(rows)), subj_pos[rows], plan.row_req[rows]
+    def forward(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Last-block output ``(len(rows), W - p0, d)`` for ``rows`` of the batch with the current delta
+        written, and ``p0``, the first padded position it covers."""
+        first = "delta" not in state
+        p0 = int(subj_pos[rows].min()) if kv and not first else 0
+        r_local, r_pos, r_req = torch.arange(len(rows)), subj_pos[rows] - p0, plan.row_req[rows]
 
         def add(value: torch.Tensor) -> torch.Tensor:
             dev = value.device
@@ -189,14 +199,25 @@ def _optimise_chunk(
             out[il, ip] = out[il, ip] + state["delta"][r_req].to(dev, value.dtype)
             return out
 
-        sub = _subset(batch, rows)
+        inputs = _subset(batch, rows).model_inputs(adapter.uses_position_ids)
+        cache = None
+        if use_kv and first:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        elif p0 > 0:
+            cache = _prefix_cache(kv, rows, p0)
+            inputs = {k: (t if k == "attention_mask" else t[:, p0:]) for k, t in inputs.items()}
+        h_in = hidden[rows.to(hidden.device)][:, p0:] if hidden is not None else None
         with patch(lm, {site: add}), capture(lm, [last_site], detach=False, stop=True) as acts:
-            with resume_from(lm, layer, hidden[rows.to(hidden.device)]) if hidden is not None else _null():
+            with resume_from(lm, layer, h_in) if h_in is not None else _null():
                 try:
-                    lm.forward(sub)
+                    lm.model(**inputs, past_key_values=cache, use_cache=cache is not None)
                 except StopForward:
                     pass
-        return acts[last_site]
+        if use_kv and first:
+            kv.extend(_cached_kv(cache, batch.width))
+        return acts[last_site], p0
 
     active = torch.ones(n, dtype=torch.bool)
     steps, loss_out = [0] * n, [float("nan")] * n
@@ -208,19 +229,19 @@ def _optimise_chunk(
             rows = active[plan.row_req].nonzero().flatten()
             local = torch.full((len(plan.rows),), -1, dtype=torch.long)
             local[rows] = torch.arange(len(rows))
-            h = forward(rows)
+            h, p0 = forward(rows)
             delta = state["delta"]
             if v0 is None:
                 v0 = state["v0_rows"][plan.plain_row]
                 opt = torch.optim.Adam([delta], lr=hp.v_lr)
             dev = h.device
             sel_t = active[plan.t_req]
-            tr, tp = local[plan.t_row[sel_t]], plan.t_pos[sel_t]
+            tr, tp = local[plan.t_row[sel_t]], plan.t_pos[sel_t] - p0
             logits_t = adapter.logits_from_resid(lm.model, h[tr.to(dev), tp.to(dev)]).float()
             logp_t = logits_t.log_softmax(-1).gather(-1, plan.t_tok[sel_t].to(dev)[:, None])[:, 0].cpu()
             nll = torch.zeros(n).index_add(0, plan.t_req[sel_t], -logp_t * plan.t_w[sel_t])
             kr = plan.kl_row[act_req]
-            logits_kl = adapter.logits_from_resid(lm.model, h[local[kr].to(dev), subj_pos[kr].to(dev)]).float()
+            logits_kl = adapter.logits_from_resid(lm.model, h[local[kr].to(dev), (subj_pos[kr] - p0).to(dev)]).float()
             logp_kl = logits_kl.log_softmax(-1).cpu()
             if kl_init is None:
                 kl_init = logp_kl.detach().clone()
@@ -262,6 +283,31 @@ def _null() -> Iterator[None]:
     yield
 
 
+def _cached_kv(cache, width: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per block, the (keys, values) ``(B, H, W, d_head)`` a first full pass left in ``cache`` (``None`` for
+    blocks it skipped); empty - no reuse - when a block holds other than ``width`` positions (a window)."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for lay in cache.layers:
+        k = getattr(lay, "keys", None)
+        if not torch.is_tensor(k) or k.numel() == 0:
+            out.append(None)
+        elif k.shape[-2] != width:
+            return []
+        else:
+            out.append((k.detach(), lay.values.detach()))
+    return out if any(e is not None for e in out) else []
+
+
+def _prefix_cache(kv: list[tuple[torch.Tensor, torch.Tensor] | None], rows: torch.Tensor, p0: int):
+    """A ``DynamicCache`` holding positions ``< p0`` of ``rows`` (skipped blocks get zeros: never read)."""
+    from transformers import DynamicCache
+
+    ref = next(e for e in kv if e is not None)[0]
+    idx = rows.to(ref.device)
+    empty = torch.zeros(len(rows), ref.shape[1], p0, ref.shape[3], dtype=ref.dtype, device=ref.device)
+    return DynamicCache([(e[0][idx, :, :p0], e[1][idx, :, :p0]) if e is not None else (empty, empty) for e in kv])
+
+
 def _record_before(plan: _Plan, logits_t: torch.Tensor, known: list[bool], prob_before: list[float]) -> None:
     """From the first pass (all requests active, delta = 0): per request, whether the bare prompt already
     predicts every target token, and the mean target-token probability."""
@@ -279,9 +325,9 @@ def _prob_plain(lm: LoadedModel, plan: _Plan, forward) -> list[float]:
     rows = plan.plain_row
     local = torch.full((len(plan.rows),), -1, dtype=torch.long)
     local[rows] = torch.arange(len(rows))
-    h = forward(rows)
+    h, p0 = forward(rows)
     sel = torch.isin(plan.t_row, rows)
-    logits = lm.adapter.logits_from_resid(lm.model, h[local[plan.t_row[sel]].to(h.device), plan.t_pos[sel].to(h.device)]).float().cpu()
+    logits = lm.adapter.logits_from_resid(lm.model, h[local[plan.t_row[sel]].to(h.device), (plan.t_pos[sel] - p0).to(h.device)]).float().cpu()
     p = logits.softmax(-1).gather(-1, plan.t_tok[sel][:, None])[:, 0]
     n = len(rows)
     return (torch.zeros(n).index_add(0, plan.t_req[sel], p) / torch.zeros(n).index_add(0, plan.t_req[sel], torch.ones_like(p))).tolist()

@@ -31,8 +31,6 @@ from factlab.locate._common import check_finite
 from factlab.locate.setup import TraceSetup
 from factlab.progress import progress
 
-#: families whose KV cache reproduces the full computation exactly (checked against the reference in tests)
-CACHE_FAMILIES = frozenset({"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class Engine:
         lm, s = self.setup.lm, self.setup
         L = lm.adapter.n_layers
         if self.use_cache is None:
-            self.use_cache = lm.adapter.family in CACHE_FAMILIES
+            self.use_cache = lm.adapter.exact_kv_cache
         resid = [f"layer.{i}.resid" for i in range(L)]
         with torch.no_grad():
             with capture(lm, list(dict.fromkeys(list(self.clean_sites) + resid))) as acts:

@@ -58,6 +58,10 @@ class SiteSpec:
     heads: int | None = None
 
 
+#: families whose dynamic KV cache is exact (Gemma 3's sliding-window cache and Mamba have none of this kind)
+KV_CACHE_FAMILIES = frozenset({"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"})
+
+
 @dataclass(frozen=True)
 class MlpModules:
     """The submodules of one block's MLP, as paths relative to the block (for exact linear analyses).
@@ -161,6 +165,12 @@ class Adapter:
     mlp: MlpModules | None = None
 
     # ------------------------------------------------------------------ sites
+    @property
+    def exact_kv_cache(self) -> bool:
+        """Whether HF's KV cache reproduces this family's full forward exactly, so a fast path may feed only
+        the positions that can change and read the others' keys/values from a cache (checked in tests)."""
+        return self.family in KV_CACHE_FAMILIES
+
     @property
     def has_attention(self) -> bool:
         """Whether the family has attention heads (False for Mamba)."""
