@@ -73,6 +73,14 @@ def token_ids(tokenizer, text: str, *, add_special_tokens: bool = True) -> list[
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before every text by itself (e.g. ``[bos]`` for Llama and Gemma, ``[]``
+    for GPT-2): put them before token windows cut from a corpus, which the model must see as it sees text."""
+    with_special = token_ids(tokenizer, "a")
+    plain = token_ids(tokenizer, "a", add_special_tokens=False)
+    return with_special[: len(with_special) - len(plain)] if plain and with_special[-len(plain) :] == plain else []
+
+
 def encode(
     tokenizer,
     prompts: str | Sequence[str] | Sequence[Sequence[int]],

@@ -86,3 +86,21 @@ def test_padding_gives_the_same_next_token_distribution(tiny_lm, side):
     for i in range(len(prompts)):
         got = logits[i, b.position(i, -1)].softmax(-1)
         torch.testing.assert_close(got, alone[i], rtol=0, atol=1e-5)
+
+
+def test_special_prefix_and_text_windows_start_with_bos(smollm2_tokenizer_like, tiny_models, monkeypatch, tmp_path):
+    """The BOS a tokenizer adds by itself is found (and nothing for GPT-2's), and corpus windows for
+    perplexity start with it, as the stats chunks do."""
+    from factlab.mechanisms.mitigation import text_windows
+    from factlab.prompts import special_prefix
+
+    tok = smollm2_tokenizer_like
+    assert special_prefix(tok) == [tok.bos_token_id]
+    assert special_prefix(tiny_models["gpt2"].tokenizer) == []
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat and then it went home again\n" * 40)
+    lm = tiny_models["gpt2"]
+    monkeypatch.setattr(lm, "tokenizer", tok)
+    rows = torch.cat([b.input_ids for b in text_windows(lm, str(corpus), n_windows=3, length=16)])
+    assert rows.shape == (3, 16) and (rows[:, 0] == tok.bos_token_id).all()
+    assert (rows[:, 1:] != tok.bos_token_id).all()

@@ -29,7 +29,7 @@ from factlab.interventions import run_and_capture
 from factlab.io import atomic_path, load_tensors, save_tensors
 from factlab.models import LoadedModel, cache_dir
 from factlab.progress import progress_bar
-from factlab.prompts import pad, pad_token_id
+from factlab.prompts import pad, pad_token_id, special_prefix
 
 DEFAULT_CORPUS = "wikitext-2"
 #: CPU-friendly defaults: 400 chunks of 256 tokens (~100k tokens). The reference uses 100k Wikipedia
@@ -133,9 +133,7 @@ def stats_path(spec: StatsSpec) -> Path:
 
 def _chunks(lm: LoadedModel, documents: Iterator[str], max_length: int) -> Iterator[list[int]]:
     tok = lm.tokenizer
-    with_special = tok("a")["input_ids"]
-    plain = tok("a", add_special_tokens=False)["input_ids"]
-    bos = with_special[: len(with_special) - len(plain)] if with_special[-len(plain):] == plain else []
+    bos = special_prefix(tok)
     room = max_length - len(bos)
     if room < 2:
         raise ValueError(f"max_length {max_length} is too small")

@@ -35,7 +35,7 @@ from factlab.mechanisms._common import MechanismError, answer_token, freeze_norm
 from factlab.mechanisms.dataset import FactCase, split_cases
 from factlab.models.loading import LoadedModel
 from factlab.progress import progress
-from factlab.prompts import Batch, pad
+from factlab.prompts import Batch, pad, special_prefix
 
 
 @dataclass(frozen=True)
@@ -175,21 +175,24 @@ def window_nll(lm: LoadedModel, inputs: BlockInputs) -> np.ndarray:
 
 
 def text_windows(lm: LoadedModel, corpus: str = "wikitext-2", *, split: str = "test", n_windows: int = 16, length: int = 128, batch_size: int = 8) -> list[Batch]:
-    """The first ``n_windows`` non-overlapping windows of ``length`` tokens of the corpus, batched."""
+    """The first ``n_windows`` non-overlapping windows of ``length`` tokens of the corpus, batched; each
+    starts with the tokenizer's own special prefix (BOS), which is not scored."""
     from factlab.data import load_text_corpus
 
+    bos = special_prefix(lm.tokenizer)  # e.g. Gemma: without its BOS the model is far off its text distribution
+    room = length - len(bos)
     ids: list[int] = []
-    need = n_windows * length
+    need = n_windows * room
     for doc in load_text_corpus(corpus, split).documents():
         if doc.strip():
             ids.extend(lm.tokenizer(doc, add_special_tokens=False)["input_ids"])
         if len(ids) >= need:
             break
     if len(ids) < need:
-        n_windows = len(ids) // length
+        n_windows = len(ids) // room
     if n_windows == 0:
-        raise MechanismError(f"the corpus {corpus!r} has fewer than {length} tokens")
-    rows = [ids[i * length : (i + 1) * length] for i in range(n_windows)]
+        raise MechanismError(f"the corpus {corpus!r} has fewer than {room} tokens")
+    rows = [bos + ids[i * room : (i + 1) * room] for i in range(n_windows)]
     pid = lm.tokenizer.pad_token_id or 0
     return [pad(rows[i : i + batch_size], pad_id=pid, device=lm.device) for i in range(0, len(rows), batch_size)]
 
