@@ -265,3 +265,35 @@ def test_smollm2_contributions_exact(smollm2):
     assert r.answer.n_tokens == 1
     assert abs(r.logit_sum - float(_last_logits(smollm2, [prompt])[0, r.answer.token_id])) < 1e-3
     assert len([p for p in r.parts if p.kind == "head"]) == 30 * 9
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_head_mitigation_equals_zeroing_the_head(tiny_models, family):
+    """Removing a last-layer head at strength 1 gives the same logits as zeroing that head's input to the
+    output projection (the ``attn.heads`` site) in the unedited model; the weights come back bit for bit."""
+    from factlab.interventions import patch
+    from factlab.mechanisms.mitigation import Candidate, build_mitigation, head_candidates
+
+    lm = tiny_models[family]
+    L, h = lm.adapter.n_layers, 1
+    assert len(head_candidates(lm)) == 2 * lm.adapter.n_heads
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    batch = lm.encode(PROMPTS)
+
+    def zero_head(v):
+        v = v.clone()
+        v[..., h, :] = 0
+        return v
+
+    with torch.no_grad(), patch(lm, {f"layer.{L - 1}.attn.heads": zero_head}):
+        want = lm.forward(batch)
+    edit = build_mitigation(lm, Candidate("head", "attn", 1.0, h), {})
+    try:
+        with torch.no_grad():
+            got = lm.forward(batch)
+    finally:
+        edit.restore()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    with pytest.raises(MechanismError, match="outside"):
+        build_mitigation(lm, Candidate("head", "attn", 1.0, lm.adapter.n_heads), {})

@@ -40,23 +40,38 @@ from factlab.prompts import Batch, pad, special_prefix
 
 @dataclass(frozen=True)
 class Candidate:
-    """One mitigation: remove ``strength`` of ``direction`` from the last block's ``target`` outputs."""
+    """One mitigation: remove ``strength`` of ``direction`` from the last block's ``target`` outputs, or,
+    with ``direction="head"``, scale the last layer's attention head ``head`` by ``1 - strength`` (the
+    paper's "scale down / remove the final-layer component")."""
 
-    direction: str  # "frequency" | "intercept"
+    direction: str  # "frequency" | "intercept" | "head"
     target: str  # "attn" | "mlp" | "both"
     strength: float
+    head: int | None = None
 
     @property
     def name(self) -> str:
+        if self.direction == "head":
+            return f"head{self.head}:{self.target}:{self.strength:g}"
         return f"{self.direction}:{self.target}:{self.strength:g}"
 
     def to_dict(self) -> dict[str, object]:
-        return {"direction": self.direction, "target": self.target, "strength": self.strength, "name": self.name}
+        d: dict[str, object] = {"direction": self.direction, "target": self.target, "strength": self.strength, "name": self.name}
+        if self.head is not None:
+            d["head"] = self.head
+        return d
 
 
 DEFAULT_CANDIDATES = tuple(
     Candidate(d, t, s) for d in ("frequency", "intercept") for t in ("attn", "mlp") for s in (0.5, 1.0)
 )
+
+
+def head_candidates(lm: LoadedModel, strengths: Sequence[float] = (0.5, 1.0)) -> tuple[Candidate, ...]:
+    """One candidate per last-layer attention head and strength (none for a model without heads)."""
+    if not lm.adapter.has_attention or not lm.adapter.n_heads:
+        return ()
+    return tuple(Candidate("head", "attn", s, h) for h in range(lm.adapter.n_heads) for s in strengths)
 
 
 def _param_name(lm: LoadedModel, p: torch.nn.Parameter) -> str:
@@ -97,6 +112,24 @@ def projection_weights(lm: LoadedModel, directions: dict[str, torch.Tensor], tar
             bb = b.detach().double()
             out[_param_name(lm, b)] = (bb - P.to(bb.device) @ bb).to(b.dtype)
     return out
+
+
+def head_weights(lm: LoadedModel, head: int, strength: float) -> dict[str, torch.Tensor]:
+    """New value of the last block's attention output projection with head ``head``'s input columns
+    scaled by ``1 - strength`` (the head's write into the residual stream, before any post-norm)."""
+    a = lm.adapter
+    if not a.has_attention or not a.n_heads or not a.d_head:
+        raise MechanismError("head mitigation needs attention heads; this model has none")
+    if not 0 <= head < a.n_heads:
+        raise MechanismError(f"head {head} is outside 0..{a.n_heads - 1}")
+    if not 0 < strength <= 1:
+        raise MechanismError("strength must be in (0, 1]")
+    proj = a.projection(a.n_layers - 1, "attn")
+    W = proj.weight(lm.model).detach().double()  # (d_out, d_in); d_in = heads * d_head
+    newW = W.clone()
+    newW[:, head * a.d_head : (head + 1) * a.d_head] *= 1.0 - strength
+    p = proj.parameter(lm.model)
+    return {_param_name(lm, p): (p.detach().double() + proj.delta_to_parameter(lm.model, newW - W).double()).to(p.dtype)}
 
 
 def output_space_direction(lm: LoadedModel, u: torch.Tensor, target: str) -> torch.Tensor:
@@ -267,7 +300,10 @@ def build_mitigation(lm: LoadedModel, candidate: Candidate, directions: dict[str
     """Apply ``candidate`` and return the applied :class:`factlab.edit.EditResult`."""
     from factlab.edit import EditResult
 
-    new = projection_weights(lm, directions[candidate.direction], candidate.target, candidate.strength)
+    if candidate.direction == "head":
+        new = head_weights(lm, int(candidate.head), candidate.strength)  # type: ignore[arg-type]
+    else:
+        new = projection_weights(lm, directions[candidate.direction], candidate.target, candidate.strength)
     return EditResult.from_weights(lm, new, method="mitigation", metadata={"candidate": candidate.to_dict(), **(metadata or {})})
 
 
@@ -275,7 +311,7 @@ def mitigate(
     lm: LoadedModel,
     cases: Sequence[FactCase],
     *,
-    candidates: Sequence[Candidate] = DEFAULT_CANDIDATES,
+    candidates: Sequence[Candidate] | None = None,
     select_fraction: float = 0.4,
     seed: int = 0,
     corpus: str = "wikitext-2",
@@ -287,11 +323,15 @@ def mitigate(
     """Choose a mitigation on a selection split of ``cases`` and measure it on the held-out rest and on
     WikiText-2 perplexity (the test split's first ``n_windows`` windows of ``window`` tokens).
 
-    Returns the report and the directions (so :func:`build_mitigation` can rebuild the chosen edit).
+    ``candidates``: default :data:`DEFAULT_CANDIDATES` plus :func:`head_candidates` (every last-layer head
+    at strengths 0.5 and 1). Returns the report and the directions (so :func:`build_mitigation` can
+    rebuild the chosen edit).
     The model's weights are the originals again when this returns.
     """
     from factlab.mechanisms.frequency import frequency_direction, unigram_counts
 
+    if candidates is None:
+        candidates = DEFAULT_CANDIDATES + head_candidates(lm)
     sel, held = split_cases(cases, select_fraction, seed)
     sb, sids = _batches(lm, sel, batch_size)
     hb, hids = _batches(lm, held, batch_size)
