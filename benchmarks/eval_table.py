@@ -123,7 +123,13 @@ def cmd_table(a) -> None:
         lines.append(f"\n### {ds}\n")
         lines.append("| model / method | n | " + " | ".join(c for c, _ in cols) + " |")
         lines.append("|---" * (len(cols) + 2) + "|")
-        for d in sorted(RUNS.glob(f"eval_{ds}_*")):
+        def order(d: Path) -> tuple[int, int]:
+            parts = d.name.split("_")  # eval_<ds>_<method>[_b<size>]
+            method = parts[2] if len(parts) > 2 else ""
+            size = int(parts[3][1:]) if len(parts) > 3 and parts[3][1:].isdigit() else 0
+            return (["none", "rome", "memit", "emmet"].index(method) if method in ("none", "rome", "memit", "emmet") else 9, size)
+
+        for d in sorted(RUNS.glob(f"eval_{ds}_*"), key=order):
             f = d / "summary.json"
             s = json.loads(f.read_text()) if f.exists() else _partial(d, ds)
             if s is None:
@@ -131,10 +137,10 @@ def cmd_table(a) -> None:
             phase = "pre" if s["method"] == "none" else "post"
             m = s["metrics"][phase]
             label = f"{s['model']['name']} {s['method'].upper() if s['method'] != 'none' else 'unedited'}"
-            if s.get("partial"):
-                label += " (unfinished run)"
             if s["method"] != "none":
                 label += f" b={s['config']['batch_size']}"
+            if s.get("partial"):
+                label += " (unfinished run)"
             cells = ["n/a" if k in s.get("unavailable", {}) else _fmt(m.get(k)) for _, k in cols]
             lines.append(f"| {label} | {s['n_cases']} | " + " | ".join(cells) + " |")
         for label, vals in pub:
