@@ -212,7 +212,10 @@ def _optimise_chunk(
         with patch(lm, {site: add}), capture(lm, [last_site], detach=False, stop=True) as acts:
             with resume_from(lm, layer, h_in) if h_in is not None else _null():
                 try:
-                    lm.model(**inputs, past_key_values=cache, use_cache=cache is not None)
+                    if cache is not None:
+                        lm.model(**inputs, past_key_values=cache, use_cache=True)
+                    else:
+                        lm.model(**inputs, use_cache=False)
                 except StopForward:
                     pass
         if use_kv and first:
