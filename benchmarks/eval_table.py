@@ -78,6 +78,10 @@ def plan(model: str, limit: int, zsre_limit: int, batch_sizes: list[int], rome_l
         add("zsre", "memit", big, zs(zsre_limit))
         add("zsre", "emmet", big, zs(zsre_limit))
     add("zsre", "rome", 1, zs(zsre_rome_limit or zsre_limit))
+    for bs in sizes:
+        if bs != big or bs == 1:
+            add("zsre", "memit", bs, zs(zsre_limit))
+            add("zsre", "emmet", bs, zs(zsre_limit))
     return out
 
 
