@@ -62,26 +62,23 @@ def plan(model: str, limit: int, zsre_limit: int, batch_sizes: list[int], rome_l
         name = f"eval_{ds}_{method}" + (f"_b{bs}" if method != "none" else "")
         out.append((name, ["factlab", "eval", ds, "--model", model, "--method", method, "--batch-size", str(bs), *extra, "--out", str(RUNS / name)]))
 
-    add("counterfact", "none", 1, cf(limit))
-    add("zsre", "none", 1, zs(zsre_limit))
     sizes = sorted(batch_sizes, reverse=True)
     big = sizes[0]
-    if big > 1:
-        add("counterfact", "memit", big, cf(limit))
-        add("counterfact", "emmet", big, cf(limit))
-    add("counterfact", "rome", 1, cf(rome_limit or limit))
-    for bs in sizes:
-        if bs != big or bs == 1:
-            add("counterfact", "memit", bs, cf(limit))
-            add("counterfact", "emmet", bs, cf(limit))
-    if big > 1:
-        add("zsre", "memit", big, zs(zsre_limit))
-        add("zsre", "emmet", big, zs(zsre_limit))
-    add("zsre", "rome", 1, zs(zsre_rome_limit or zsre_limit))
-    for bs in sizes:
-        if bs != big or bs == 1:
-            add("zsre", "memit", bs, zs(zsre_limit))
-            add("zsre", "emmet", bs, zs(zsre_limit))
+
+    def edits(ds, extra, rome_extra):
+        if big > 1:
+            add(ds, "memit", big, extra)
+            add(ds, "emmet", big, extra)
+        add(ds, "rome", 1, rome_extra)
+        for bs in sizes:
+            if bs != big or bs == 1:
+                add(ds, "memit", bs, extra)
+                add(ds, "emmet", bs, extra)
+
+    add("counterfact", "none", 1, cf(limit))
+    add("zsre", "none", 1, zs(zsre_limit))
+    edits("counterfact", cf(limit), cf(rome_limit or limit))
+    edits("zsre", zs(zsre_limit), zs(zsre_rome_limit or zsre_limit))
     return out
 
 

@@ -53,9 +53,9 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("factlab")) / "data"
 
 
-def offline_reason() -> str | None:
-    """The ``VAR=value`` that makes us offline, or None when downloads are allowed."""
-    for var in OFFLINE_ENV_VARS:
+def offline_reason(env_vars: tuple[str, ...] = OFFLINE_ENV_VARS) -> str | None:
+    """The ``VAR=value`` (one of ``env_vars``, read now) that makes us offline, or None when downloads are allowed."""
+    for var in env_vars:
         value = os.environ.get(var, "").strip()
         if value.lower() in _TRUE:
             return f"{var}={value}"

@@ -61,11 +61,18 @@ class ValueCache:
         t = load_tensors(tens)
         return Values(v0=t["v0"], delta=t["delta"], site=info["site"], **{k: [info[k]] for k in _LISTS})
 
-    def put(self, key: str, vals: Values, i: int) -> None:
-        """Store request ``i`` of ``vals`` under ``key`` (atomic writes)."""
+    def put(self, key: str, vals: Values, i: int) -> Values:
+        """Store request ``i`` of ``vals`` under ``key`` (atomic writes); returns that request's values."""
+        one = _row(vals, i)
         self.root.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.root / f"{key}.safetensors", {"v0": vals.v0[i : i + 1].contiguous(), "delta": vals.delta[i : i + 1].contiguous()})
-        write_json(self.root / f"{key}.json", {"site": vals.site, **{k: getattr(vals, k)[i] for k in _LISTS}})
+        save_tensors(self.root / f"{key}.safetensors", {"v0": one.v0.contiguous(), "delta": one.delta.contiguous()})
+        write_json(self.root / f"{key}.json", {"site": one.site, **{k: getattr(one, k)[0] for k in _LISTS}})
+        return one
+
+
+def _row(vals: Values, i: int) -> Values:
+    """Request ``i`` of ``vals`` as values of one request."""
+    return Values(v0=vals.v0[i : i + 1], delta=vals.delta[i : i + 1], site=vals.site, **{k: [getattr(vals, k)[i]] for k in _LISTS})
 
 
 def cached_values(
@@ -92,9 +99,7 @@ def cached_values(
         chunk = todo[s : s + hp.v_batch]
         fresh = optimise_values(lm, [requests[i] for i in chunk], site=site, layer=layer, templates=templates, hp=hp)
         for j, i in enumerate(chunk):
-            cache.put(keys[i], fresh, j)
-            found[i] = Values(v0=fresh.v0[j : j + 1], delta=fresh.delta[j : j + 1], site=site,
-                              **{k: [getattr(fresh, k)[j]] for k in _LISTS})
+            found[i] = cache.put(keys[i], fresh, j)
     parts = [found[i] for i in range(len(requests))]
     return Values(
         v0=torch.cat([p.v0 for p in parts]),

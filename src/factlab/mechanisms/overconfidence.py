@@ -94,6 +94,17 @@ class OverconfidenceReport:
         plot_overconfidence(path, self)
 
 
+def _last_layer_parts(stats: FactStats, n_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column indices of the last layer's parts in ``stats``: its heads, its whole attention (heads and
+    bias) and its MLP (Mamba: mixer)."""
+    kinds, layers = np.array(stats.kinds), np.array(stats.part_layers)
+    last = layers == n_layers - 1
+    heads = np.where((kinds == "head") & last)[0]
+    attn = np.where(((kinds == "head") | (kinds == "attn_bias")) & last)[0]
+    mlp = np.where(((kinds == "mlp") | (kinds == "mixer")) & last)[0]
+    return heads, attn, mlp
+
+
 def suppression_on(lm: LoadedModel, stats: FactStats, mask: np.ndarray) -> dict[str, object]:
     """The final block's effect on the answer over the facts selected by ``mask`` ``(N,)`` bool (e.g. the
     facts the model gets right): change in the answer's lens probability across the last block, the
@@ -103,9 +114,7 @@ def suppression_on(lm: LoadedModel, stats: FactStats, mask: np.ndarray) -> dict[
     m = np.asarray(mask, dtype=bool)
     p = stats.lens_prob[m]
     dp = p[:, -1] - p[:, -2]
-    kinds, layers = np.array(stats.kinds), np.array(stats.part_layers)
-    attn_idx = np.where(((kinds == "head") | (kinds == "attn_bias")) & (layers == L - 1))[0]
-    mlp_idx = np.where(((kinds == "mlp") | (kinds == "mixer")) & (layers == L - 1))[0]
+    _, attn_idx, mlp_idx = _last_layer_parts(stats, L)
     dlac = stats.dla_centered[m]
     return {
         "n": int(m.sum()),
@@ -127,11 +136,7 @@ def overconfidence(
     p = stats.lens_prob
     logit_lens_change = None
     dp = p[:, -1] - p[:, -2]
-    kinds = np.array(stats.kinds)
-    layers = np.array(stats.part_layers)
-    heads_idx = np.where((kinds == "head") & (layers == L - 1))[0]
-    attn_idx = np.where(((kinds == "head") | (kinds == "attn_bias")) & (layers == L - 1))[0]
-    mlp_idx = np.where(((kinds == "mlp") | (kinds == "mixer")) & (layers == L - 1))[0]
+    heads_idx, attn_idx, mlp_idx = _last_layer_parts(stats, L)
     dlac = stats.dla_centered
     # change in the answer's centred lens logit across the last block = the block's centred direct
     # contribution only when the final norm's scale does not move; report the measured change instead

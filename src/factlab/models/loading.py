@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from factlab.errors import ModelLoadError, NonFiniteError
+from factlab.data.paths import offline_reason
 from factlab.models.adapters import Adapter, adapter_for
 from factlab.models.packaged import DEFAULT_MODEL, PACKAGED
 from factlab.prompts import Batch, PaddingSide, encode
@@ -174,7 +175,7 @@ def _folder_id(path: Path) -> str:
 
 def _hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set to a true value in the environment now."""
-    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return offline_reason(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) is not None
 
 
 def _offline_help(name: str) -> str:
