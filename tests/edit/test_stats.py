@@ -105,3 +105,18 @@ def test_spec_key_covers_every_field():
     for change in [dict(model_id="m@2"), dict(site="layer.2.mlp.key"), dict(corpus_id="x@1"), dict(samples=11), dict(max_length=65)]:
         keys.add(StatsSpec(**{**base.to_dict(), **change}).key())
     assert len(keys) == 6
+
+
+def test_cached_statistics_answer_when_the_corpus_is_gone(tiny_models, tiny_env, corpus):
+    """Offline with imported/cached statistics but no corpus: the cache answers; anything not cached names the corpus."""
+    from factlab.data.errors import DatasetNotFoundError
+
+    lm = tiny_models["llama"]
+    m = second_moment(lm, "layer.0.mlp.key", corpus=corpus, samples=7, max_length=16)
+    corpus.unlink()
+    again = second_moment(lm, "layer.0.mlp.key", corpus=corpus, samples=7, max_length=16)
+    assert torch.equal(again.mom2, m.mom2) and again.spec == m.spec
+    with pytest.raises(DatasetNotFoundError):
+        second_moment(lm, "layer.0.mlp.key", corpus=corpus, samples=8, max_length=16)  # other size: not cached
+    with pytest.raises(DatasetNotFoundError):
+        second_moments(lm, ["layer.0.mlp.key", "layer.1.mlp.key"], corpus=corpus, samples=7, max_length=16)

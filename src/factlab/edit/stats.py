@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from factlab.data.errors import DatasetNotFoundError
 from factlab.edit.errors import NonFiniteStatisticsError, SingularStatisticsError, StatsMismatchError
 from factlab.interventions import run_and_capture
 from factlab.io import atomic_path, load_tensors, save_tensors
@@ -176,7 +177,15 @@ def second_moments(
     """
     for s in sites:
         lm.adapter.site(s)
-    text = _open_corpus(corpus)
+    try:
+        text = _open_corpus(corpus)
+    except DatasetNotFoundError:
+        # The corpus is gone (offline, or only the statistics were imported): cached statistics of the same
+        # model, site, corpus name and sizes still answer; anything missing re-raises the corpus error.
+        found = _cached_without_corpus(lm.model_id, sites, corpus, int(samples), int(max_length)) if use_cache else {}
+        if len(found) == len(sites):
+            return found
+        raise
     specs = {s: StatsSpec(lm.model_id, s, text.id, int(samples), int(max_length)) for s in sites}
     out: dict[str, SecondMoment] = {}
     todo = []
@@ -190,6 +199,50 @@ def second_moments(
         return out
     out.update(_compute(lm, todo, specs, text, batch_size, use_cache, checkpoint_every, on_batch))
     return out
+
+
+def _spec_of(path: Path) -> StatsSpec | None:
+    """The spec in a statistics file's metadata (the matrix is not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            spec = json.loads((f.metadata() or {}).get("spec", "null"))
+        return StatsSpec(**spec) if spec else None
+    except Exception:  # a foreign or torn file in the cache folder is not ours to judge here
+        return None
+
+
+def _corpus_name(spec: str) -> str:
+    """The ``name`` part of the id that :func:`factlab.data.load_text_corpus` gives the corpus ``spec``."""
+    if spec in ("wikitext-2", "wikitext2"):
+        return "wikitext-2"
+    if spec.startswith("hf:"):
+        return spec
+    return Path(spec).expanduser().stem
+
+
+def _cached_without_corpus(model_id: str, sites: list[str], corpus: Any, samples: int, max_length: int) -> dict[str, SecondMoment]:
+    """Cached statistics matching everything but the corpus content hash, for a corpus named by string.
+
+    Used only when the corpus itself cannot be found (an offline user with imported statistics); the newest
+    matching file wins per site.
+    """
+    if not isinstance(corpus, (str, os.PathLike)) or not stats_dir().is_dir():
+        return {}
+    name = _corpus_name(os.fspath(corpus))
+    best: dict[str, tuple[float, Path]] = {}
+    for path in stats_dir().glob("*.safetensors"):
+        if path.name.endswith(".partial.safetensors"):
+            continue
+        spec = _spec_of(path)
+        if (spec is None or spec.model_id != model_id or spec.site not in sites or spec.samples != samples
+                or spec.max_length != max_length or spec.version != FORMAT_VERSION or spec.corpus_id.split("@")[0] != name):
+            continue
+        mtime = path.stat().st_mtime
+        if spec.site not in best or mtime > best[spec.site][0]:
+            best[spec.site] = (mtime, path)
+    return {site: SecondMoment.load(path) for site, (_, path) in best.items()}
 
 
 def second_moment(lm: LoadedModel, site: str, **kwargs: Any) -> SecondMoment:

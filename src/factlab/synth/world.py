@@ -53,6 +53,7 @@ class WorldSize:
     given_names: int
     family_names: int
     train_templates: int = 2
+    documents: str = "sentences"
 
     def count(self, kind: str) -> int:
         """Number of entities of ``kind``."""
@@ -196,6 +197,8 @@ class World:
         space).
         """
         rng = random.Random(f"corpus:{self.seed}:{self.size.name}:{seed}")
+        if self.size.documents == "bio":
+            return self._bio_corpus(rng, repeats, filler_rate)
         sentences = [
             f.sentence(t) for f in self.facts for t in self.relation(f.relation).train_templates for _ in range(repeats)
         ]
@@ -209,6 +212,27 @@ class World:
             if rng.random() < filler_rate:
                 doc.insert(rng.randint(0, len(doc)), self._filler(rng))
             docs.append(" ".join(doc))
+        return docs
+
+    def _bio_corpus(self, rng: random.Random, repeats: int, filler_rate: float) -> list[str]:
+        """One document per (subject, template round): all the subject's facts, in a random order,
+        each on its own template; over ``len(train_templates)`` rounds every (fact, template)
+        sentence occurs exactly once per repeat."""
+        by_subject: dict[str, list[Fact]] = defaultdict(list)
+        for f in self.facts:
+            by_subject[f.subject_id].append(f)
+        docs: list[str] = []
+        for _ in range(repeats):
+            for facts in by_subject.values():
+                n = len(self.relation(facts[0].relation).train_templates)
+                offsets = [rng.randrange(n) for _ in facts]
+                for k in range(n):
+                    doc = [f.sentence(self.relation(f.relation).train_templates[(k + o) % n]) for f, o in zip(facts, offsets)]
+                    rng.shuffle(doc)
+                    if rng.random() < filler_rate:
+                        doc.insert(rng.randint(0, len(doc)), self._filler(rng))
+                    docs.append(" ".join(doc))
+        rng.shuffle(docs)
         return docs
 
     def vocabulary_text(self) -> Iterator[str]:
