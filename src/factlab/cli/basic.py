@@ -77,7 +77,7 @@ DEMO_EDIT = {
 DEMO_CHECKS = {
     "rewrite prompt": "The Eiffel Tower is located in the city of",
     "paraphrase": "The Eiffel Tower stands in the heart of the city of",
-    "unrelated": "The Colosseum is located in the city of",
+    "unrelated": "The Statue of Liberty is located in the city of",  # another answer than the new target
 }
 
 

@@ -119,7 +119,7 @@ def apply_cmd(
 
 DEMO = [
     ("{} is located in the city of", "The Eiffel Tower", " Rome",
-     ["The Eiffel Tower, located in the city of", "The Colosseum is located in the city of"]),
+     ["The Eiffel Tower, located in the city of", "The Statue of Liberty is located in the city of"]),
 ]
 
 
