@@ -17,6 +17,7 @@ from the end), or a ``(B, P)`` LongTensor of per-row positions. Hooks work on mo
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from contextlib import ExitStack, contextmanager
@@ -216,6 +217,13 @@ class _Skip(nn.Module):
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
+def _block_returns_tuple(block: nn.Module) -> bool:
+    """Whether a block's forward returns a tuple (e.g. GPT-J before transformers 5.24) rather than a tensor,
+    read from its return annotation so that the pass-through stand-in returns the same kind."""
+    ann = inspect.signature(type(block).forward).return_annotation
+    return ann is not inspect.Signature.empty and "tuple" in str(ann).lower()
+
+
 @contextmanager
 def resume_from(lm: LoadedModel, layer: int, hidden: torch.Tensor) -> Iterator[None]:
     """Run only blocks ``layer..L-1``, feeding ``hidden`` ``(B, T, d)`` as the input of block ``layer``.
@@ -227,7 +235,7 @@ def resume_from(lm: LoadedModel, layer: int, hidden: torch.Tensor) -> Iterator[N
     blocks = lm.adapter.layers(lm.model)
     if not 0 <= layer < len(blocks):
         raise IndexError(f"layer {layer} is outside 0..{len(blocks) - 1}")
-    as_tuple = lm.adapter.family == "gptj"
+    as_tuple = _block_returns_tuple(blocks[0])
     originals = [blocks[i] for i in range(layer)]
     target = blocks[layer]
 
@@ -325,7 +333,7 @@ def attention(
     rec = AttentionRecord() if record else None
     mods = {i: _attention_module(lm, i) for i in layers}
     with ExitStack() as stack:
-        if lm.adapter.family == "gptj":
+        if all(hasattr(m, "_attn") for m in mods.values()):  # GPT-J before transformers 5.24: its own _attn method
             for i, m in mods.items():
                 stack.enter_context(_wrap_gptj(m, {"layer": i, "block": block, "record": rec}))
         else:

@@ -175,6 +175,25 @@ def test_evaluate_pipeline_on_affine_toy(tmp_path, monkeypatch):
     assert evaluate_relation(lm, too_few, EvalSettings(trials=1, min_known=10, prefix="")).status == "too few known"
 
 
+def test_sweep_operators_equal_a_fresh_fit(tiny_models, tmp_path, monkeypatch):
+    """The evaluation reuses the sweep's fitted operators: they must equal fitting the same layer again."""
+    from factlab.lre.sweep import sweep
+
+    monkeypatch.setenv("FACTLAB_CACHE", str(tmp_path / "cache"))
+    lm = tiny_models["llama"]
+    rel = Relation("r", "toy", ["The capital city of {} is"], samples=[Sample(s, o) for s, o in
+                   [("Canada", "Ottawa"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Brazil", "Brasília"), ("France", "Paris"),
+                    ("Spain", "Madrid"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Egypt", "Cairo")]])
+    sw = sweep(lm, rel, rel.samples, seed=1, n_train=3, layers=[0, 1], betas=[1.0, 2.0], ranks=[4, 8], prefix="")
+    for layer in (0, 1):
+        fresh = fit(lm, rel, layer=layer, train=sw.split.train, beta=2.0, prefix="")
+        reused = sw.operator(layer, beta=2.0)
+        assert torch.equal(reused.weight, fresh.weight) and torch.equal(reused.bias, fresh.bias)
+        assert reused.beta == fresh.beta == 2.0 and reused.train == fresh.train and reused.layer == fresh.layer
+    cached = sweep(lm, rel, rel.samples, seed=1, n_train=3, layers=[0, 1], betas=[1.0, 2.0], ranks=[4, 8], prefix="")
+    assert cached.operator(0) is None and cached.layer == sw.layer  # read from the cache: no operators kept
+
+
 # ----------------------------------------------------------------------------- LRE object
 def test_fit_deterministic_and_save_load_roundtrip(tiny_models, tmp_path):
     lm = tiny_models["gpt2"]

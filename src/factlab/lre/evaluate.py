@@ -80,7 +80,8 @@ def _trial(lm: LoadedModel, relation: Relation, known: Sequence[Sample], seed: i
     layers = list(dict.fromkeys([sw.layer, sw.edit_layer, "emb"]))
     st = compute_states(lm, prompts, subjects, layers)
     out: dict = {"seed": seed, "layer": sw.layer, "beta": sw.beta, "edit_layer": sw.edit_layer, "rank": sw.rank, "n_test": len(test), "n_val": len(split.val), "train": [x.to_dict() for x in train]}
-    lre = fit(lm, relation, layer=sw.layer, train=train, beta=sw.beta, prefix=pre)
+    # the sweep fitted these layers on the same training split already (unless it came from the cache)
+    lre = sw.operator(sw.layer, beta=sw.beta) or fit(lm, relation, layer=sw.layer, train=train, beta=sw.beta, prefix=pre)
     ops = {
         "lre": lre,
         "identity": identity(lm, relation, layer=sw.layer, train=train, prefix=pre),
@@ -99,7 +100,7 @@ def _trial(lm: LoadedModel, relation: Relation, known: Sequence[Sample], seed: i
 
     faith["lm"] = recall_at_k(lm_preds, objects)
     out["faithfulness"] = faith
-    edit_op = lre if sw.edit_layer == sw.layer else fit(lm, relation, layer=sw.edit_layer, train=train, prefix=pre)
+    edit_op = lre if sw.edit_layer == sw.layer else sw.operator(sw.edit_layer) or fit(lm, relation, layer=sw.edit_layer, train=train, prefix=pre)
     edit_op = edit_op.with_(edit_rank=sw.rank)
     pairs = edit_pairs(test, seed)
     h_e = st.h[sw.edit_layer]

@@ -22,6 +22,7 @@ from factlab.data.lre import Relation, Sample
 from factlab.io import write_json
 from factlab.lre.fit import fit
 from factlab.lre.metrics import causality_by_rank, edit_pairs
+from factlab.lre.operator import LRE
 from factlab.lre.prompts import icl_prompt, is_nontrivial_prefix, paper_split, resolve_prefix
 from factlab.lre.states import Layer, check_layer, compute_states
 from factlab.models.loading import LoadedModel
@@ -89,6 +90,14 @@ class SweepResult:
     edit_layer: Layer = 0
     rank: int = 0
     extra: dict = field(default_factory=dict)
+    #: the operators fitted per layer during this sweep (β = 1), kept in memory only so that callers fitting
+    #: the same layer on the same training split reuse them; empty when the result was read from the cache.
+    operators: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def operator(self, layer: Layer, **changes) -> LRE | None:
+        """The sweep's operator for ``layer`` with ``changes`` applied (e.g. ``beta=...``), or None."""
+        op = self.operators.get(layer)
+        return None if op is None else op.with_(**changes) if changes else op
 
     def to_dict(self) -> dict:
         return {
@@ -195,8 +204,9 @@ def sweep(
     st = compute_states(lm, prompts, subjects, layers)
     pairs = edit_pairs(val, seed)
     faith, faith_p, edit, edit_p = {}, {}, {}, {}
+    operators: dict = {}
     for layer in progress(layers, desc=f"sweep {relation.name}", unit="layer"):
-        op = fit(lm, relation, layer=layer, train=split.train, prefix=pre)
+        op = operators[layer] = fit(lm, relation, layer=layer, train=split.train, prefix=pre)
         h = st.h[layer]
         scores, probs = [], []
         base = h @ op.weight.T
@@ -218,6 +228,7 @@ def sweep(
     res = SweepResult(
         relation.name, lm.model_id, seed, split, layers, betas, ranks, faith, faith_p, edit, edit_p,
         layer=best_f[3], beta=best_f[4], edit_layer=best_e[3], rank=best_e[4], extra={"n_val": len(val), "n_pairs": len(pairs)},
+        operators=operators,
     )
     if use_cache:
         write_json(path, res.to_dict())
