@@ -218,8 +218,9 @@ class _Skip(nn.Module):
 
 
 def _block_returns_tuple(block: nn.Module) -> bool:
-    """Whether a block's forward returns a tuple (e.g. GPT-J before transformers 5.24) rather than a tensor,
-    read from its return annotation so that the pass-through stand-in returns the same kind."""
+    """Whether a GPT-J block's forward returns a tuple (before transformers 5.24) rather than a tensor, read
+    from its return annotation so that the pass-through stand-in returns the same kind. (GPT-J's annotation
+    follows the change; other families' annotations do not always say what they return.)"""
     ann = inspect.signature(type(block).forward).return_annotation
     return ann is not inspect.Signature.empty and "tuple" in str(ann).lower()
 
@@ -235,7 +236,7 @@ def resume_from(lm: LoadedModel, layer: int, hidden: torch.Tensor) -> Iterator[N
     blocks = lm.adapter.layers(lm.model)
     if not 0 <= layer < len(blocks):
         raise IndexError(f"layer {layer} is outside 0..{len(blocks) - 1}")
-    as_tuple = _block_returns_tuple(blocks[0])
+    as_tuple = lm.adapter.family == "gptj" and _block_returns_tuple(blocks[0])
     originals = [blocks[i] for i in range(layer)]
     target = blocks[layer]
 

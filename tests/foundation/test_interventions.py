@@ -118,3 +118,22 @@ def test_attention_on_mamba_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match="no attention"):
         with iv.attention(tiny_models["mamba"]):
             pass
+
+
+def test_cache_kwargs_names_the_argument_forward_takes(tiny_models):
+    """transformers >= 5.24 takes ``cache=``, older releases ``past_key_values=``; both pass the same cache."""
+    import inspect
+
+    from factlab.models.kv_cache import cache_kwargs, returned_cache
+
+    lm = tiny_models["llama"]
+    kw = cache_kwargs(lm.model, "C")
+    (name,) = [k for k in kw if k != "use_cache"]
+    assert name in inspect.signature(type(lm.model).forward).parameters and kw["use_cache"] is True
+    batch = lm.encode(["The Eiffel Tower is in"])
+    out = lm.model(input_ids=batch.input_ids, use_cache=True)
+    assert returned_cache(out) is not None
+    full = lm.model(input_ids=batch.input_ids).logits[:, -1]
+    prefix = lm.model(input_ids=batch.input_ids[:, :-1], use_cache=True)
+    step = lm.model(input_ids=batch.input_ids[:, -1:], **cache_kwargs(lm.model, returned_cache(prefix))).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)

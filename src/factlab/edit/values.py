@@ -29,6 +29,7 @@ from factlab.edit.keys import Row, batch_rows, subject_row
 from factlab.edit.requests import Request
 from factlab.interventions import StopForward, capture, patch, resume_from, run_and_capture
 from factlab.models import LoadedModel
+from factlab.models.kv_cache import cache_kwargs
 from factlab.prompts import Batch, continuation_ids
 
 KL_TEMPLATE = "{} is a"
@@ -213,7 +214,7 @@ def _optimise_chunk(
             with resume_from(lm, layer, h_in) if h_in is not None else _null():
                 try:
                     if cache is not None:
-                        lm.model(**inputs, past_key_values=cache, use_cache=True)
+                        lm.model(**inputs, **cache_kwargs(lm.model, cache))
                     else:
                         lm.model(**inputs, use_cache=False)
                 except StopForward:

@@ -29,6 +29,7 @@ import torch
 from factlab.interventions import StopForward, capture, hooks, resume_from
 from factlab.locate._common import check_finite
 from factlab.locate.setup import TraceSetup
+from factlab.models.kv_cache import cache_kwargs, returned_cache
 from factlab.progress import progress
 
 
@@ -86,7 +87,7 @@ class Engine:
             self.low = float(s.score(out.logits[:, s.readout]).mean())
             self.kv = None
             if self.use_cache:
-                cache = out.past_key_values
+                cache = returned_cache(out)
                 self.kv = [(layer.keys, layer.values) for layer in cache.layers]
                 if any(k.shape[-2] != s.width for k, _ in self.kv):  # e.g. a sliding-window cache: run all positions
                     self.kv, self.use_cache = None, False
@@ -153,10 +154,9 @@ class Engine:
                 if self.use_cache and t0 > 0:
                     from transformers import DynamicCache
 
-                    inputs["past_key_values"] = DynamicCache(
+                    inputs.update(cache_kwargs(lm.model, DynamicCache(
                         [(k[:, :, :t0].repeat(J, 1, 1, 1), v[:, :, :t0].repeat(J, 1, 1, 1)) for k, v in self.kv]
-                    )
-                    inputs["use_cache"] = True
+                    )))
                 else:
                     inputs["use_cache"] = False
                 resume = resume_from(lm, start, hidden) if start > 0 else contextlib.nullcontext()

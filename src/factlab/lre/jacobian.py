@@ -27,6 +27,7 @@ import torch
 from factlab.errors import NonFiniteError
 from factlab.interventions import StopForward, capture, patch, resume_from, run_and_capture, write
 from factlab.lre.states import Layer, check_layer, h_site, subject_index, z_site
+from factlab.models.kv_cache import cache_kwargs, returned_cache
 from factlab.models.loading import LoadedModel
 
 
@@ -65,7 +66,7 @@ def _jacobian_one_cached(lm: LoadedModel, ids: torch.Tensor, p: int, layer: Laye
     if p > 0:
         with torch.no_grad():
             out = lm.model(input_ids=ids[:, :p], position_ids=torch.arange(p, device=ids.device)[None], use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
     suffix = ids[:, p:]
     T = ids.shape[1]
     hs, zs = h_site(lm, layer), z_site(lm)
@@ -86,7 +87,7 @@ def _jacobian_one_cached(lm: LoadedModel, ids: torch.Tensor, p: int, layer: Laye
             cc = copy.deepcopy(cache)
             if c > 1:
                 cc.batch_repeat_interleave(c)
-            kw["past_key_values"] = cc
+            kw.update(cache_kwargs(lm.model, cc))
         if read_hidden or not upper_only:
             with patch(lm, {hs: fn}), capture(lm, [zs], positions=[-1], detach=False) as acts:
                 lm.model(**kw)
