@@ -225,6 +225,32 @@ def test_hierarchy_task_and_bad_inputs(tmp_path, llama, data_dir):
         DiscoveryConfig(target_density=1.2)
 
 
+def test_counterfact_json_is_a_fact_task_with_relation_filter(tmp_path, llama):
+    """A CounterFact-schema file (e.g. a synthetic world's) is a head-free fact task; --relation keeps one relation."""
+    import json
+
+    from factlab.circuits.tasks import make_task
+
+    recs = []
+    for i, (rel, subj, true, new) in enumerate([("P19", "Anna Smith", "Paris", "Rome"), ("P19", "Bob Jones", "Rome", "Paris"),
+                                                ("P19", "Carl Berg", "Oslo", "Lima"), ("P19", "Dora Lind", "Lima", "Oslo"),
+                                                ("P108", "Anna Smith", "Google", "Apple"), ("P108", "Bob Jones", "Apple", "Google")]):
+        recs.append({"case_id": i, "requested_rewrite": {"prompt": "{} was born in" if rel == "P19" else "{} works for",
+                     "relation_id": rel, "subject": subj, "target_new": {"str": new}, "target_true": {"str": true}},
+                     "paraphrase_prompts": [], "neighborhood_prompts": [], "attribute_prompts": [], "generation_prompts": []})
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(recs))
+    train, test = make_task(llama, str(path), seed=0, test_frac=0.25, relation="P19")
+    assert train.name == "cf:P19" and len(train) + len(test) + train.meta["dropped_same_first_token"] == 4
+    assert all("born in" in p for p in train.prompts + test.prompts)
+    train, test = make_task(llama, str(path), seed=0, test_frac=0.25)
+    assert train.name == "cf" and len(train) + len(test) + train.meta["dropped_same_first_token"] == 6
+    with pytest.raises(TaskError, match="P19, P108|P108, P19"):
+        make_task(llama, str(path), relation="P36")
+    with pytest.raises(TaskError, match="head-free"):
+        make_task(llama, str(path), form="head")
+
+
 def test_fact_edit_is_an_edit_result_with_bit_exact_restore(llama):
     before = {n: p.detach().clone() for n, p in llama.model.named_parameters()}
     mask = random_mask(full_mask(llama), 0.3, seed=1)

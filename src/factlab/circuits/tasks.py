@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 import torch
@@ -205,7 +206,7 @@ def hierarchy_fact_task(lm, records, *, seed: int = 0, name: str = "hierarchy") 
         cands.append([n, t] if not flip else [t, n])
         labels.append(1 if not flip else 0)
     return CircuitTask(name, "next-token", prompts, torch.tensor(labels), torch.tensor(cands),
-                       label_names=["first", "second"], meta={"source": "hierarchy facts", "dropped_same_first_token": dropped, "seed": seed})
+                       label_names=["first", "second"], meta={"source": "fact records", "dropped_same_first_token": dropped, "seed": seed})
 
 
 def train_head(lm, task: CircuitTask, *, epochs: int = 400, lr: float = 0.01, seed: int = 0, batch_size: int = 32) -> nn.Linear:
@@ -231,19 +232,44 @@ def train_head(lm, task: CircuitTask, *, epochs: int = 400, lr: float = 0.01, se
     return task.head
 
 
+def fact_records(name: str, relation: str | None = None) -> list:
+    """The edit records behind a fact task: ``"hierarchy"`` (``hierarchy_data.json``) or a CounterFact-schema
+    JSON file (e.g. a synthetic world's ``datasets/counterfact.json``), optionally only one ``relation_id``."""
+    from factlab.data import load_counterfact, load_hierarchy_edits
+
+    records = load_hierarchy_edits() if name == "hierarchy" else load_counterfact(name)
+    if relation is not None:
+        found = sorted({str(r.relation_id) for r in records})
+        records = [r for r in records if r.relation_id == relation]
+        if not records:
+            raise TaskError(f"no record of {name!r} has relation_id {relation!r}; it has {', '.join(found)}")
+    return records
+
+
+def is_fact_task(name: str) -> bool:
+    """``"hierarchy"`` or a ``.json`` file: the head-free fact form (true vs new target), not a CSV classification task."""
+    return name == "hierarchy" or str(name).endswith(".json")
+
+
 def make_task(lm, name: str, form: Form = "next-token", *, seed: int = 0, test_frac: float = 0.2,
-              train_size: int | None = None, test_size: int | None = None, head_epochs: int = 400) -> tuple[CircuitTask, CircuitTask]:
+              train_size: int | None = None, test_size: int | None = None, head_epochs: int = 400,
+              relation: str | None = None) -> tuple[CircuitTask, CircuitTask]:
     """Seeded (train, test) :class:`CircuitTask` pair for a task name or CSV path.
 
-    ``"hierarchy"`` is the head-free fact form of ``hierarchy_data.json`` (:func:`hierarchy_fact_task`); any
-    other name is a classification task (``blimp_dna1``, ``persona_e``, ``hierarchy_label``, or a CSV path with
-    ``text,label`` columns), split with :meth:`ClassificationTask.split` (stratified). ``train_size``/``test_size``
-    cut each part (seeded order). With ``form="head"`` the head is trained on the train part and shared.
+    ``"hierarchy"`` is the head-free fact form of ``hierarchy_data.json`` (:func:`hierarchy_fact_task`), and so
+    is a CounterFact-schema ``.json`` file (``relation`` keeps one ``relation_id``; the task is then named
+    ``<file stem>:<relation>``); any other name is a classification task (``blimp_dna1``, ``persona_e``,
+    ``hierarchy_label``, or a CSV path with ``text,label`` columns), split with :meth:`ClassificationTask.split`
+    (stratified). ``train_size``/``test_size`` cut each part (seeded order). With ``form="head"`` the head is
+    trained on the train part and shared.
     """
-    from factlab.data import load_classification_task, load_hierarchy_edits
+    from factlab.data import load_classification_task
 
-    if name == "hierarchy":
-        task = hierarchy_fact_task(lm, load_hierarchy_edits(), seed=seed)
+    if is_fact_task(name):
+        if form != "next-token":
+            raise TaskError(f"fact tasks ({name!r}) are head-free: use form='next-token'")
+        label = "hierarchy" if name == "hierarchy" else Path(name).stem + (f":{relation}" if relation else "")
+        task = hierarchy_fact_task(lm, fact_records(name, relation), seed=seed, name=label)
         order = list(range(len(task)))
         random.Random(seed).shuffle(order)
         n_test = round(len(order) * test_frac)

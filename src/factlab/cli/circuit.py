@@ -22,7 +22,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 @circuit_app.command("find")
 def find(
-    task: str = typer.Argument(..., help="blimp_dna1 ... persona_e ... hierarchy_label, 'hierarchy' (fact form), or a CSV with text,label."),
+    task: str = typer.Argument(..., help="blimp_dna1 ... persona_e ... hierarchy_label, 'hierarchy' (fact form), a CSV with text,label, "
+                                         "or a CounterFact-schema JSON (fact form, e.g. a synthetic world's datasets/counterfact.json)."),
+    relation: Optional[str] = typer.Option(None, "--relation", help="With a CounterFact JSON task: keep only this relation_id (e.g. P19)."),
     model: str = ModelOpt,
     density: float = typer.Option(0.05, "--density", help="Target density (fraction of masked weights kept), in (0, 1)."),
     sweep: str = typer.Option("", "--sweep", help="Also snapshot these densities on the way down, e.g. 0.5,0.35,0.25,0.15."),
@@ -54,14 +56,15 @@ def find(
     config = DiscoveryConfig(target_density=density, sweep=_floats(sweep), granularity=granularity,  # type: ignore[arg-type]
                              types=tuple(t for t in types.split(",") if t), estimator=estimator, temperature=temperature,
                              lr=lr, batch_size=batch_size, max_steps=steps, lambda_every=lambda_every, seed=seed, finish=finish)  # type: ignore[arg-type]
-    out = out or Path("runs/circuits") / f"{Path(task).stem}-{granularity}-{density:g}"
+    out = out or Path("runs/circuits") / f"{Path(task).stem}{'-' + relation if relation else ''}-{granularity}-{density:g}"
     if (out / "circuit.json").exists() and not force:
         report = json.loads((out / "circuit.json").read_text())
         _show_find(report, out, json_out, reused=True)
         return
     lm = load_model(model, device, dtype, quiet=json_out)
     t0 = time.perf_counter()
-    train, test = make_task(lm, task, form, seed=seed, train_size=train_size or None, test_size=test_size or None)  # type: ignore[arg-type]
+    train, test = make_task(lm, task, form, seed=seed, train_size=train_size or None, test_size=test_size or None,  # type: ignore[arg-type]
+                            relation=relation)
     write_json(out / "split.json", split_to_dict(train, test))
     if test.head is not None:
         save_tensors(out / "head.safetensors", {k: v for k, v in test.head.state_dict().items()})
@@ -121,6 +124,7 @@ def _task_of(dir: Path, lm):
 def edit(
     dir: Path = typer.Argument(..., help="A folder written by `factlab circuit find`."),
     data: str = typer.Option("hierarchy", "--data", help="hierarchy (hierarchy_data.json), counterfact, or a JSON path."),
+    relation: Optional[str] = typer.Option(None, "--relation", help="Edit only records with this relation_id (e.g. P19)."),
     where: List[str] = typer.Option(["circuit", "complement", "random"], "--where", help="circuit | complement | random (repeatable)."),
     mode: List[str] = typer.Option(["restricted", "subnetwork"], "--mode", help="restricted | subnetwork (repeatable)."),
     limit: int = typer.Option(0, "--limit", help="Edit only the first N records (seeded order; 0 = all)."),
@@ -140,12 +144,18 @@ def edit(
 
     from factlab.circuits.edit import EditConfig, compare_edits
     from factlab.circuits.masks import random_mask
-    from factlab.data import load_counterfact, load_hierarchy_edits
+    from factlab.circuits.tasks import fact_records
+    from factlab.data import load_counterfact
     from factlab.io import write_json
 
     meta = json.loads((dir / "circuit.json").read_text()) if (dir / "circuit.json").exists() else {}
     lm = load_model(meta.get("model", model) if model == ModelOpt.default else model, device, dtype, quiet=json_out)
-    records = load_hierarchy_edits() if data == "hierarchy" else (load_counterfact() if data == "counterfact" else load_counterfact(data))
+    if data == "counterfact":
+        records = load_counterfact()
+        if relation is not None:
+            records = [r for r in records if r.relation_id == relation]
+    else:
+        records = fact_records(data, relation)
     order = list(range(len(records)))
     _random.Random(seed).shuffle(order)
     records = [records[i] for i in (order[:limit] if limit else order)]
