@@ -49,3 +49,19 @@ def mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Estima
     se = float(a.std(ddof=1)) / math.sqrt(n)
     q = float(stats.t.ppf(0.5 + level / 2, df=n - 1))
     return Estimate(m, m - q * se, m + q * se, n, level)
+
+
+def proportion_ci(successes: Sequence[bool] | Sequence[float], level: float = 0.95) -> Estimate:
+    """Fraction of successes with the Wilson score interval (sound at 0 and 1 and for small ``n``, unlike the
+    normal approximation)."""
+    a = np.asarray(successes, dtype=np.float64).ravel()
+    n = int(a.size)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0, level)
+    from scipy import stats
+
+    p = float(a.mean())
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n, level)

@@ -249,3 +249,18 @@ def test_smollm2_fast_jacobian_matches_reference(smollm2):
     ref = jacobian_reference(smollm2, prompt, "Japan", layer)
     got = jacobian(smollm2, [prompt], ["Japan"], layer)
     assert (got.weight[0] - ref).abs().max() < 1e-4
+
+
+def test_wilson_interval_and_ci_choice():
+    """One trial: the CI is over test samples (Wilson; 8/10 -> [0.490, 0.943]); two or more: over trials."""
+    from factlab.confidence import proportion_ci
+    from factlab.lre.evaluate import summarise
+
+    e = proportion_ci([1] * 8 + [0] * 2)
+    assert e.mean == 0.8 and abs(e.low - 0.4902) < 1e-3 and abs(e.high - 0.9433) < 1e-3 and e.n == 10
+    allright = proportion_ci([True] * 5)
+    assert allright.high == 1.0 and allright.low < 0.6  # not the collapsed [1, 1] of the normal approximation
+    one = summarise([0.8], [True] * 8 + [False] * 2)
+    assert one["over"] == "samples" and one["mean"] == 0.8 and one["n"] == 10 and abs(one["low"] - 0.4902) < 1e-3
+    two = summarise([0.8, 0.6], [True] * 14 + [False] * 6)
+    assert two["over"] == "trials" and two["n"] == 2 and two["samples"]["n"] == 20 and two["mean"] == 0.7

@@ -14,12 +14,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from factlab.confidence import mean_ci
+from factlab.confidence import mean_ci, proportion_ci
 from factlab.data.lre import Relation, Sample
 from factlab.io import append_jsonl, read_jsonl, write_json
 from factlab.lre.fit import fit, identity, learned_linear, translation
 from factlab.lre.metrics import causality, edit_pairs, faithfulness, insert_subject
-from factlab.lre.prompts import KnownFilter, TooFewKnownError, filter_known, icl_prompt, resolve_prefix
+from factlab.lre.prompts import KnownFilter, TooFewKnownError, filter_known, icl_prompt, is_nontrivial_prefix, resolve_prefix
 from factlab.lre.states import Layer, compute_states
 from factlab.lre.sweep import DEFAULT_BETAS, sweep
 from factlab.models.loading import LoadedModel
@@ -89,10 +89,10 @@ def _trial(lm: LoadedModel, relation: Relation, known: Sequence[Sample], seed: i
         "lre_emb": fit(lm, relation, layer="emb", train=train, beta=sw.beta, prefix=pre),
         "learned_linear": learned_linear(lm, relation, layer=sw.layer, train=train, prefix=pre, seed=seed),
     }
-    faith = {}
+    faith, hits = {}, {}
     for name, op in ops.items():
         f = faithfulness(lm, op, st.h[op.layer], objects, k=s.k)
-        faith[name] = f.recall
+        faith[name], hits[name] = f.recall, f.hits
     from factlab.lre.metrics import decode_topk
 
     lm_preds = decode_topk(lm, st.z, s.k)
@@ -100,6 +100,7 @@ def _trial(lm: LoadedModel, relation: Relation, known: Sequence[Sample], seed: i
 
     faith["lm"] = recall_at_k(lm_preds, objects)
     out["faithfulness"] = faith
+    hits["lm"] = [is_nontrivial_prefix(p[0], o) for p, o in zip(lm_preds, objects)]
     edit_op = lre if sw.edit_layer == sw.layer else sw.operator(sw.edit_layer) or fit(lm, relation, layer=sw.edit_layer, train=train, prefix=pre)
     edit_op = edit_op.with_(edit_rank=sw.rank)
     pairs = edit_pairs(test, seed)
@@ -107,7 +108,17 @@ def _trial(lm: LoadedModel, relation: Relation, known: Sequence[Sample], seed: i
     c = causality(lm, edit_op, prompts, subjects, objects, h_e, st.z, pairs)
     b = insert_subject(lm, sw.edit_layer, prompts, subjects, objects, h_e, pairs)
     out["causality"] = {"lre": c.to_dict(), "insert_subject": b.to_dict()}
+    out["hits"] = {"faithfulness": hits, "causality": {"lre": list(c.success), "insert_subject": list(b.success)}}
     return out
+
+
+def summarise(per_trial: Sequence[float], per_sample: Sequence[bool]) -> dict:
+    """Mean with a 95% CI: over trials (Student t) when there are at least two, else over the test samples
+    (Wilson); ``over`` says which, and ``samples`` always holds the pooled per-sample estimate."""
+    pooled = proportion_ci(per_sample).to_dict()
+    if len(per_trial) >= 2:
+        return {**mean_ci(per_trial).to_dict(), "over": "trials", "samples": pooled}
+    return {**pooled, "mean": float(per_trial[0]) if per_trial else pooled["mean"], "over": "samples", "samples": pooled}
 
 
 def evaluate_relation(lm: LoadedModel, relation: Relation, settings: EvalSettings | None = None, *, seed: int = 0) -> RelationResult:
@@ -123,9 +134,11 @@ def evaluate_relation(lm: LoadedModel, relation: Relation, settings: EvalSetting
     for t in range(s.trials):
         res.trials.append(_trial(lm, relation, kf.known, seed + t, s))
     for m in FAITH_METHODS:
-        res.faithfulness[m] = mean_ci([tr["faithfulness"][m][0] for tr in res.trials]).to_dict()
+        res.faithfulness[m] = summarise([tr["faithfulness"][m][0] for tr in res.trials],
+                                        [h for tr in res.trials for h in tr["hits"]["faithfulness"][m]])
     for m in CAUSAL_METHODS:
-        res.causality[m] = mean_ci([tr["causality"][m]["efficacy"] for tr in res.trials]).to_dict()
+        res.causality[m] = summarise([tr["causality"][m]["efficacy"] for tr in res.trials],
+                                     [h for tr in res.trials for h in tr["hits"]["causality"][m]])
     return res
 
 
@@ -167,7 +180,8 @@ def _fmt(e: dict | None) -> str:
 
 
 def table_markdown(rows: Sequence[RelationResult]) -> str:
-    """The per-relation table as Markdown (faithfulness = recall@1; causality = efficacy; mean [95% CI])."""
+    """The per-relation table as Markdown (faithfulness = recall@1; causality = efficacy; mean [95% CI], the
+    CI over trials when there are several, else over test samples — the note under the table says which)."""
     head = ["relation", "category", "known", "layer", "β", "edit layer", "rank", *[f"F {m}" for m in FAITH_METHODS], *[f"C {m}" for m in CAUSAL_METHODS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r.category, r.relation)):
@@ -182,6 +196,10 @@ def table_markdown(rows: Sequence[RelationResult]) -> str:
         cells = [r.relation, r.category, f"{r.n_known}/{r.n_samples}", lay, beta, el, rk]
         cells += [_fmt(r.faithfulness.get(m)) for m in FAITH_METHODS] + [_fmt(r.causality.get(m)) for m in CAUSAL_METHODS]
         lines.append("| " + " | ".join(cells) + " |")
+    overs = {e.get("over", "trials") for r in rows if r.status == "ok" for e in (*r.faithfulness.values(), *r.causality.values())}
+    note = {"trials": "95% CIs over trials (Student t).", "samples": "95% CIs over test samples (Wilson; one trial)."}
+    lines.append("")
+    lines += [note[o] for o in sorted(overs)]
     return "\n".join(lines) + "\n"
 
 
