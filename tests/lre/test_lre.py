@@ -264,3 +264,12 @@ def test_wilson_interval_and_ci_choice():
     assert one["over"] == "samples" and one["mean"] == 0.8 and one["n"] == 10 and abs(one["low"] - 0.4902) < 1e-3
     two = summarise([0.8, 0.6], [True] * 14 + [False] * 6)
     assert two["over"] == "trials" and two["n"] == 2 and two["samples"]["n"] == 20 and two["mean"] == 0.7
+
+
+def test_known_cell_says_how_many_were_tested():
+    from factlab.lre.evaluate import RelationResult
+
+    r = RelationResult("r", "factual", 821, 3, "too few known", n_tested=80)
+    assert r.known_cell() == "3/80 (of 821)"
+    old = RelationResult("r", "factual", 24, 19, "ok", message="19 of 24 tested samples known")  # written before n_tested
+    assert old.known_cell() == "19/24"

@@ -8,6 +8,7 @@ relations already there, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,6 +61,15 @@ class RelationResult:
     faithfulness: dict[str, dict] = field(default_factory=dict)
     causality: dict[str, dict] = field(default_factory=dict)
     message: str = ""
+    n_tested: int = 0  #: samples the known filter tested (at most ``max_samples``); 0 in results written before it was kept
+
+    def known_cell(self) -> str:
+        """``"known/tested"``, with the relation's size when only a sample of it was tested."""
+        tested = self.n_tested
+        if not tested:  # older results: read it back from the message "K of N tested samples known"
+            m = re.match(r"\d+ of (\d+) tested", self.message)
+            tested = int(m.group(1)) if m else self.n_samples
+        return f"{self.n_known}/{tested}" + (f" (of {self.n_samples})" if tested < self.n_samples else "")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -126,7 +136,7 @@ def evaluate_relation(lm: LoadedModel, relation: Relation, settings: EvalSetting
     s = settings or EvalSettings()
     kf: KnownFilter = filter_known(lm, relation, n_icl=s.n_train, seed=seed, max_samples=s.max_samples, prefix=s.prefix)
     n_tested = kf.n_known + len(kf.unknown)
-    res = RelationResult(relation.name, relation.category, len(relation.samples), kf.n_known, "ok")
+    res = RelationResult(relation.name, relation.category, len(relation.samples), kf.n_known, "ok", n_tested=n_tested)
     res.message = f"{kf.n_known} of {n_tested} tested samples known"
     if kf.n_known < s.min_known:
         res.status = "too few known"
@@ -182,18 +192,18 @@ def _fmt(e: dict | None) -> str:
 def table_markdown(rows: Sequence[RelationResult]) -> str:
     """The per-relation table as Markdown (faithfulness = recall@1; causality = efficacy; mean [95% CI], the
     CI over trials when there are several, else over test samples — the note under the table says which)."""
-    head = ["relation", "category", "known", "layer", "β", "edit layer", "rank", *[f"F {m}" for m in FAITH_METHODS], *[f"C {m}" for m in CAUSAL_METHODS]]
+    head = ["relation", "category", "known/tested", "layer", "β", "edit layer", "rank", *[f"F {m}" for m in FAITH_METHODS], *[f"C {m}" for m in CAUSAL_METHODS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (r.category, r.relation)):
         if r.status != "ok":
-            lines.append("| " + " | ".join([r.relation, r.category, f"{r.n_known}/{min(r.n_samples, 10**9)}", r.status] + [""] * (len(head) - 4)) + " |")
+            lines.append("| " + " | ".join([r.relation, r.category, r.known_cell(), r.status] + [""] * (len(head) - 4)) + " |")
             continue
         tr = r.trials
         lay = ",".join(str(t["layer"]) for t in tr)
         beta = ",".join(f"{t['beta']:g}" for t in tr)
         el = ",".join(str(t["edit_layer"]) for t in tr)
         rk = ",".join(str(t["rank"]) for t in tr)
-        cells = [r.relation, r.category, f"{r.n_known}/{r.n_samples}", lay, beta, el, rk]
+        cells = [r.relation, r.category, r.known_cell(), lay, beta, el, rk]
         cells += [_fmt(r.faithfulness.get(m)) for m in FAITH_METHODS] + [_fmt(r.causality.get(m)) for m in CAUSAL_METHODS]
         lines.append("| " + " | ".join(cells) + " |")
     overs = {e.get("over", "trials") for r in rows if r.status == "ok" for e in (*r.faithfulness.values(), *r.causality.values())}
