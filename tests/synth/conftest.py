@@ -15,7 +15,7 @@ from factlab.synth.testing import synth_tiny, tiny_world  # noqa: F401  (fixture
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: trains models (about a minute of CPU); runs in CI too")
+    config.addinivalue_line("markers", "slow: trains models (about four minutes of CPU); runs in CI too")
 
 
 @pytest.fixture(autouse=True)

@@ -44,12 +44,29 @@ def test_world_guarantees(seed: int, size: str) -> None:
         assert max(counts.values()) - min(counts.values()) <= 1
         if not r.one_to_one:
             assert min(counts.values()) >= 2
-        if len(facts) >= 2 * len(w.entities_of(r.range)):
+        if ws.pair_only and r.domain == "person":  # as many objects as the smaller name pool allows
+            assert len(counts) == min(len(w.entities_of(r.range)), ws.given_names, ws.family_names)
+        elif len(facts) >= 2 * len(w.entities_of(r.range)):
             assert len(counts) == len(w.entities_of(r.range))
     # multi-token subjects: people are "Given Family" with shared given names
     people = [e.name for e in w.entities_of("person")]
     assert all(len(p.split()) == 2 for p in people)
     assert max(Counter(p.split()[0] for p in people).values()) > 1
+    if ws.pair_only:
+        # neither name token alone says anything about a person's objects: every given name and
+        # every family name sees the relation's objects (almost) equally often
+        assert max(Counter(p.split()[1] for p in people).values()) > 1
+        for r in w.relations:
+            if r.domain != "person":
+                continue
+            objects = {f.object for f in w.facts_of(r.key)}
+            for part in (0, 1):
+                by_token: dict[str, Counter] = {}
+                for f in w.facts_of(r.key):
+                    by_token.setdefault(f.subject.split()[part], Counter())[f.object] += 1
+                for token, counts in by_token.items():
+                    n = [counts[o] for o in objects]
+                    assert max(n) - min(n) <= 1, (r.key, token, counts)
 
 
 def test_world_roundtrip(tmp_path, tiny_world: World) -> None:
@@ -88,7 +105,34 @@ def test_corpus_mixes_filler(tiny_world: World) -> None:
     sentences = [s + "." for d in docs for s in d.split(". ") if s]
     sentences = [s[:-1] if s.endswith("..") else s for s in sentences]
     filler = [s for s in sentences if s not in facts]
-    assert 0.1 < len(filler) / len(sentences) < 0.5
+    assert 0.05 < len(filler) / len(sentences) < 0.5
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_bio_documents(size: str) -> None:
+    """Bio corpus: one subject per document, named in full in every fact sentence; each of the
+    subject's facts once per document, on a template that rotates over the documents."""
+    w = build_world(0, size)
+    assert w.size.documents == "bio"
+    by_subject: dict[str, list] = {}
+    for f in w.facts:
+        by_subject.setdefault(f.subject, []).append(f)
+    docs = w.corpus(0)
+    n_templates = w.size.train_templates
+    assert len(docs) == n_templates * len(by_subject)
+    seen: Counter = Counter()
+    orders = set()
+    for d in docs:
+        subjects = [s for s, fs in by_subject.items() if any(f.sentence(t) in d for f in fs for t in w.relation(f.relation).train_templates)]
+        assert len(subjects) == 1, d
+        facts = by_subject[subjects[0]]
+        stated = [(f, t) for f in facts for t in w.relation(f.relation).train_templates if f.sentence(t) in d]
+        assert sorted(w.facts.index(f) for f, _ in stated) == sorted(w.facts.index(f) for f in facts)
+        seen.update((w.facts.index(f), t) for f, t in stated)
+        if len(facts) > 2:  # the relations' order in this document
+            orders.add(tuple(sorted(range(len(stated)), key=lambda i: d.index(stated[i][0].sentence(stated[i][1])))))
+    assert set(seen.values()) == {1} and len(seen) == len(w.facts) * n_templates
+    assert len(orders) > 1  # sentence order is shuffled per document
 
 
 def test_tokenizer_answers_and_spans(tmp_path, tiny_world: World) -> None:

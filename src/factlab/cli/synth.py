@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
     @synth.command("build")
     def build_cmd(
         out: Path = typer.Option(..., "--out", help="Build directory (created)."),
-        size: Size = typer.Option(Size.tiny, "--size", help="tiny: CPU, about a minute of CPU time; small: a GPU."),
+        size: Size = typer.Option(Size.tiny, "--size", help="tiny: CPU, about 4 minutes of CPU time; small: a GPU."),
         arch: Arch = typer.Option(Arch.both, "--arch", help="Which model(s) to train."),
         seed: int = typer.Option(0, "--seed", help="World and training seed."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, ... or auto (CUDA when available)."),

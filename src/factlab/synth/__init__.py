@@ -3,7 +3,7 @@
 Typical use::
 
     from factlab.synth import build
-    report = build("out/synth-tiny", size="tiny", seed=0)     # ~1 minute of CPU
+    report = build("out/synth-tiny", size="tiny", seed=0)     # ~4 minutes of CPU
     report.archs["mamba"].accuracy.train_fact                  # >= 0.95
     # out/synth-tiny/gpt2 and out/synth-tiny/mamba load with AutoModelForCausalLM.from_pretrained
 
@@ -59,7 +59,7 @@ def build(
 
     Args:
         out_dir: build directory (created; existing files with the same names are overwritten).
-        size: ``"tiny"`` (CPU, about a minute) or ``"small"`` (a GPU).
+        size: ``"tiny"`` (CPU, about four minutes) or ``"small"`` (a GPU).
         archs: which of ``"gpt2"``, ``"mamba"`` to train.
         seed: world and training seed.
         device: ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA when available).

@@ -21,7 +21,7 @@ def synth_tiny(tmp_path_factory: pytest.TempPathFactory) -> BuildReport:
     """The ``tiny`` build (seed 0, GPT-2 and Mamba) in a session temporary directory.
 
     Returns the :class:`factlab.synth.BuildReport`: ``report.out_dir`` is the build directory,
-    ``report.model_dir("gpt2")`` / ``report.model_dir("mamba")`` the saved models. About a minute
+    ``report.model_dir("gpt2")`` / ``report.model_dir("mamba")`` the saved models. About four minutes
     of CPU; nothing is cached outside the temporary directory.
 
     Built with one torch thread: these models are too small to gain from more, and on a busy

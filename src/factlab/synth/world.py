@@ -40,6 +40,14 @@ class WorldSize:
         given_names, family_names: pools that person names (``"Given Family"``) are drawn from;
             given names are shared between people, so a person is identified by both tokens.
         train_templates: how many of each relation's training templates the corpus uses.
+        documents: ``"bio"`` (one document per subject holding all its facts, see
+            :meth:`World.corpus`) or ``"sentences"`` (fact sentences of any subjects, shuffled and
+            grouped 1..``max_facts_per_doc`` per document).
+        pair_only: a person's objects depend on the *pair* of name tokens only: every given name
+            and every family name occurs with every object of a person relation (almost) equally
+            often (a Latin-square design), so neither token alone tells anything and the model
+            has to assemble the name before it can look anything up. With it, a person relation
+            uses ``min(objects, given_names, family_names)`` objects.
     """
 
     name: str
@@ -54,6 +62,7 @@ class WorldSize:
     family_names: int
     train_templates: int = 2
     documents: str = "sentences"
+    pair_only: bool = False
 
     def count(self, kind: str) -> int:
         """Number of entities of ``kind``."""
@@ -68,19 +77,20 @@ class WorldSize:
 
 
 SIZES: dict[str, WorldSize] = {
-    # 40 people x 4 relations + 12 cities + 10 companies = 182 facts, ~190 words of vocabulary.
+    # 36 people (6 given x 6 family names, every pair once) x 6 relations + 12 cities + 10 companies
+    # = 238 facts; bio documents; each person's objects depend on the whole name only.
     "tiny": WorldSize(
         name="tiny",
-        relations=("born_in", "works_for", "speaks", "plays", "located_in", "headquarters"),
-        people=40, cities=12, countries=6, companies=10, languages=8, sports=8,
-        given_names=16, family_names=24, train_templates=2,
+        relations=("born_in", "lives_in", "works_for", "speaks", "plays", "citizen_of", "located_in", "headquarters"),
+        people=36, cities=12, countries=6, companies=10, languages=8, sports=8,
+        given_names=6, family_names=6, train_templates=2, documents="bio", pair_only=True,
     ),
-    # 240 people x 5 relations + 48 + 16 x 2 + 40 = 1,320 facts; for a GPU.
+    # 240 people (12 given x 20 family) x 6 relations + 48 cities + 16 x 2 + 40 companies = 1,560 facts; for a GPU.
     "small": WorldSize(
         name="small",
         relations=tuple(RELATIONS),
         people=240, cities=48, countries=16, companies=40, languages=16, sports=12,
-        given_names=60, family_names=90, train_templates=3,
+        given_names=12, family_names=20, train_templates=3, documents="bio", pair_only=True,
     ),
 }  # fmt: skip
 
@@ -190,11 +200,17 @@ class World:
     ) -> list[str]:
         """Training documents: every (fact, training template) sentence exactly ``repeats`` times.
 
-        Sentences are shuffled and grouped into documents of 1..``max_facts_per_doc`` fact
-        sentences; with probability ``filler_rate`` a document also gets one filler sentence at a
-        random place. A different ``seed`` gives a different grouping (use one per epoch). Held-out
-        templates never occur. Returns a list of strings (one document each, sentences joined by a
-        space).
+        With ``size.documents == "bio"`` (the default sizes) a document is one subject's "biography":
+        all of its facts, each sentence naming the subject in full, in a shuffled order, each fact on
+        one of its templates; a subject gets ``train_templates`` documents per repeat, and the
+        template of each fact rotates over them (from a seeded offset), as in the bioS data with
+        permutation, full-name and multi-template augmentation of Allen-Zhu & Li ("Physics of
+        Language Models 3.1", 2309.14316). ``max_facts_per_doc`` is unused there. With
+        ``"sentences"`` the fact sentences of all subjects are shuffled and grouped into documents of
+        1..``max_facts_per_doc`` sentences. Either way, with probability ``filler_rate`` a document
+        also gets one filler sentence at a random place, and a different ``seed`` gives a different
+        order and grouping (use one per epoch). Held-out templates never occur. Returns a list of
+        strings (one document each, sentences joined by a space).
         """
         rng = random.Random(f"corpus:{self.seed}:{self.size.name}:{seed}")
         if self.size.documents == "bio":
@@ -471,6 +487,24 @@ def _balanced(rng: random.Random, subjects: list[Entity], objects: list[Entity])
     return pool
 
 
+def _pair_only(
+    rng: random.Random, parts: list[tuple[int, int]], objects: list[Entity], n_given: int, n_family: int
+) -> list[Entity]:
+    """Objects for people given as (given index, family index) pairs such that neither name alone
+    says anything about the object: with ``k`` objects, object ``(a[g] + b[f]) mod k`` for balanced
+    seeded maps ``a``, ``b`` onto ``0..k-1`` (a Latin-square design). On a full given x family grid
+    with ``k`` dividing both pool sizes, every given name and every family name sees every object
+    equally often."""
+    k = min(len(objects), n_given, n_family)
+    used = sorted(rng.sample(range(len(objects)), k))
+    rng.shuffle(used)
+    a = [i % k for i in range(n_given)]
+    b = [i % k for i in range(n_family)]
+    rng.shuffle(a)
+    rng.shuffle(b)
+    return [objects[used[(a[g] + b[f]) % k]] for g, f in parts]
+
+
 def build_world(seed: int = 0, size: str | WorldSize = "tiny") -> World:
     """A new world, a pure function of ``(seed, size)``.
 
@@ -509,6 +543,7 @@ def build_world(seed: int = 0, size: str | WorldSize = "tiny") -> World:
             pairs = rng.sample([(g, f) for g in given for f in family], ws.people)
             for g, f in pairs:
                 add(kind, f"{g} {f}")
+            name_parts = {f"{g} {f}": (given.index(g), family.index(f)) for g, f in pairs}
         elif kind == "company":
             for _ in range(n):
                 add(kind, f"{names.word('company', min_syllables=2, max_syllables=3)} {rng.choice(COMPANY_TYPES)}")
@@ -540,6 +575,8 @@ def build_world(seed: int = 0, size: str | WorldSize = "tiny") -> World:
                 if len(objects) < len(subjects):
                     raise ValueError("capital needs at least as many cities as countries")
                 objs = rng.sample(objects, len(subjects))
+        elif ws.pair_only and s.domain == "person":
+            objs = _pair_only(rng, [name_parts[p.name] for p in subjects], objects, ws.given_names, ws.family_names)
         else:
             objs = _balanced(rng, subjects, objects)
         assigned[s.key] = {subj.id: o for subj, o in zip(subjects, objs)}
