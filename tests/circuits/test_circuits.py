@@ -185,6 +185,10 @@ def test_find_circuit_reaches_density_and_reports(tmp_path, llama):
     assert res.reached_target and res.density <= 0.3 and res.mask.density == res.density
     assert [r["target"] for r in res.sweep] == [0.6, 0.3] and (tmp_path / "sweep" / "d0.6.safetensors").exists()
     assert 0 <= res.accuracies.circuit <= 1 and res.accuracies.n == 16
+    assert res.train_accuracies == res.accuracies  # no test set: the training examples are the test examples
+    test = train.subset(range(4))
+    res2 = find_circuit(llama, train.subset(range(4, 16)), test, config=cfg)
+    assert res2.accuracies.n == 4 and res2.train_accuracies.n == 12 and res2.to_dict()["train_accuracies"]["n"] == 12
     d = res.to_dict()
     assert d["makeup"] and d["history"]
     res.plot(tmp_path / "train.png")

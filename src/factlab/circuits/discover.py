@@ -119,11 +119,14 @@ class CircuitResult:
     component_mask: ComponentMask | None = None
     sweep_masks: dict[float, WeightMask | ComponentMask] = field(default_factory=dict)
     components: list[str] = field(default_factory=list)
+    #: the same accuracies on the training examples (for memorised facts a circuit need not carry held-out facts)
+    train_accuracies: Accuracies | None = None
 
     def to_dict(self) -> dict:
         return {
             "task": self.task, "form": self.form, "model_id": self.model_id, "granularity": self.granularity,
             "density": self.density, "weight_density": self.weight_density, "accuracies": self.accuracies.to_dict(),
+            "train_accuracies": None if self.train_accuracies is None else self.train_accuracies.to_dict(),
             "steps": self.steps, "seconds": self.seconds, "reached_target": self.reached_target, "finished_by": self.finished_by,
             "config": self.config.to_dict(), "memory_bytes": self.memory_bytes,
             "makeup": None if self.mask is None else self.mask.to_dict()["by_type"],
@@ -264,6 +267,7 @@ def find_circuit(lm, train: CircuitTask, test: CircuitTask | None = None, config
     for row in sweep_rows:
         row["accuracies"] = evaluate_mask(lm, test, snapshots[row["target"]], space=space).to_dict()
     acc = evaluate_mask(lm, test, final, space=space)
+    train_acc = evaluate_mask(lm, train, final, space=space) if test is not train else acc
     if isinstance(final, ComponentMask):
         wm = final.to_weight_mask(space)
         weight_density = wm.density
@@ -275,7 +279,7 @@ def find_circuit(lm, train: CircuitTask, test: CircuitTask | None = None, config
         weight_density=weight_density, accuracies=acc, steps=step, seconds=seconds,
         reached_target=finished_by == "threshold" and density <= config.target_density, finished_by=finished_by, config=config, history=history, sweep=sweep_rows,
         memory_bytes=mask_memory_bytes(n_total), mask=wm, component_mask=final if isinstance(final, ComponentMask) else None,
-        sweep_masks=snapshots, components=comps,
+        sweep_masks=snapshots, components=comps, train_accuracies=train_acc,
     )
 
 

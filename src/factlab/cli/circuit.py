@@ -88,6 +88,10 @@ def _show_find(report: dict, out: Path, json_out: bool, reused: bool) -> None:
                   f"after {report['steps']} steps, {report['seconds']:.0f} s{' (reused)' if reused else ''}")
     console.print(f"  accuracy  full {a['full']:.3f}   circuit {a['circuit']:.3f}   complement {a['complement']:.3f}   "
                   f"agreement {a['agreement']:.3f}   (n={a['n']})")
+    if report.get("train_accuracies"):
+        t = report["train_accuracies"]
+        console.print(f"  on the training examples: circuit {t['circuit']:.3f}   complement {t['complement']:.3f}   "
+                      f"agreement {t['agreement']:.3f}   (n={t['n']})")
     for r in report.get("sweep", []):
         ra = r.get("accuracies", {})
         console.print(f"  sweep {r['target']:<5g} density {r['density']:.4f}: circuit {ra.get('circuit', float('nan')):.3f} "
