@@ -18,6 +18,7 @@ def test_rome_eiffel_tower_to_rome(smollm2):
     other = "The capital of Japan is the city of"
     rome_id, paris_id = lm.tokenizer(" Rome")["input_ids"][0], lm.tokenizer(" Paris")["input_ids"][0]
     before = lm.next_token_probs([prompt, other])
+    alone = lm.next_token_probs([prompt])  # compared after restore with the same batch shape (kernels differ by shape)
     assert before[0, paris_id] > before[0, rome_id]
     # small statistics and templates keep this under a minute on two CPU cores (computed once, then cached)
     hp = {"stats_samples": 60, "context": ((5, 3), (10, 3)), "v_steps": 12}
@@ -30,4 +31,4 @@ def test_rome_eiffel_tower_to_rome(smollm2):
     finally:
         res.restore()
     assert same_weights(lm, snap)
-    assert torch.equal(lm.next_token_probs([prompt]), before[:1])
+    assert torch.equal(lm.next_token_probs([prompt]), alone)
