@@ -273,3 +273,15 @@ def test_known_cell_says_how_many_were_tested():
     assert r.known_cell() == "3/80 (of 821)"
     old = RelationResult("r", "factual", 24, 19, "ok", message="19 of 24 tested samples known")  # written before n_tested
     assert old.known_cell() == "19/24"
+
+
+def test_category_means_leave_out_undefined_causality():
+    from factlab.lre.evaluate import RelationResult, category_means
+
+    def row(name, f, c):
+        e = lambda v: {"mean": v, "low": v, "high": v, "n": 3 if v == v else 0}  # noqa: E731
+        return RelationResult(name, "factual", 10, 10, "ok", faithfulness={m: e(f) for m in ("lre", "identity", "translation", "lre_emb", "learned_linear", "lm")},
+                              causality={m: e(c) for m in ("lre", "insert_subject")})
+
+    cm = category_means([row("a", 0.5, 0.8), row("b", 1.0, float("nan"))])["factual"]
+    assert cm["n_relations"] == 2 and cm["F lre"] == 0.75 and cm["C lre"] == 0.8
