@@ -233,11 +233,12 @@ def train_head(lm, task: CircuitTask, *, epochs: int = 400, lr: float = 0.01, se
 
 
 def fact_records(name: str, relation: str | None = None) -> list:
-    """The edit records behind a fact task: ``"hierarchy"`` (``hierarchy_data.json``) or a CounterFact-schema
-    JSON file (e.g. a synthetic world's ``datasets/counterfact.json``), optionally only one ``relation_id``."""
+    """The edit records behind a fact task: ``"hierarchy"`` (``hierarchy_data.json``), ``"counterfact"`` (the
+    CounterFact dataset) or a CounterFact-schema JSON file (e.g. a synthetic world's ``datasets/counterfact.json``),
+    optionally only one ``relation_id`` (an error names the relations there when none matches)."""
     from factlab.data import load_counterfact, load_hierarchy_edits
 
-    records = load_hierarchy_edits() if name == "hierarchy" else load_counterfact(name)
+    records = load_hierarchy_edits() if name == "hierarchy" else load_counterfact(None if name == "counterfact" else name)
     if relation is not None:
         found = sorted({str(r.relation_id) for r in records})
         records = [r for r in records if r.relation_id == relation]

@@ -149,17 +149,11 @@ def edit(
     from factlab.circuits.edit import EditConfig, compare_edits
     from factlab.circuits.masks import random_mask
     from factlab.circuits.tasks import fact_records
-    from factlab.data import load_counterfact
     from factlab.io import write_json
 
     meta = json.loads((dir / "circuit.json").read_text()) if (dir / "circuit.json").exists() else {}
     lm = load_model(meta.get("model", model) if model == ModelOpt.default else model, device, dtype, quiet=json_out)
-    if data == "counterfact":
-        records = load_counterfact()
-        if relation is not None:
-            records = [r for r in records if r.relation_id == relation]
-    else:
-        records = fact_records(data, relation)
+    records = fact_records(data, relation)
     order = list(range(len(records)))
     _random.Random(seed).shuffle(order)
     records = [records[i] for i in (order[:limit] if limit else order)]
