@@ -19,8 +19,8 @@ from factlab.confidence import mean_ci, proportion_ci
 from factlab.data.lre import Relation, Sample
 from factlab.io import append_jsonl, read_jsonl, write_json
 from factlab.lre.fit import fit, identity, learned_linear, translation
-from factlab.lre.metrics import causality, edit_pairs, faithfulness, insert_subject
-from factlab.lre.prompts import KnownFilter, TooFewKnownError, filter_known, icl_prompt, is_nontrivial_prefix, resolve_prefix
+from factlab.lre.metrics import causality, decode_topk, edit_pairs, faithfulness, insert_subject, score_predictions
+from factlab.lre.prompts import KnownFilter, TooFewKnownError, filter_known, icl_prompt, resolve_prefix
 from factlab.lre.states import Layer, compute_states
 from factlab.lre.sweep import DEFAULT_BETAS, sweep
 from factlab.models.loading import LoadedModel
@@ -103,14 +103,9 @@ def _trial(lm: LoadedModel, relation: Relation, known: Sequence[Sample], seed: i
     for name, op in ops.items():
         f = faithfulness(lm, op, st.h[op.layer], objects, k=s.k)
         faith[name], hits[name] = f.recall, f.hits
-    from factlab.lre.metrics import decode_topk
-
-    lm_preds = decode_topk(lm, st.z, s.k)
-    from factlab.lre.prompts import recall_at_k
-
-    faith["lm"] = recall_at_k(lm_preds, objects)
+    own = score_predictions(decode_topk(lm, st.z, s.k), objects)  # the LM's own recall on the same prompts
+    faith["lm"], hits["lm"] = own.recall, own.hits
     out["faithfulness"] = faith
-    hits["lm"] = [is_nontrivial_prefix(p[0], o) for p, o in zip(lm_preds, objects)]
     edit_op = lre if sw.edit_layer == sw.layer else sw.operator(sw.edit_layer) or fit(lm, relation, layer=sw.edit_layer, train=train, prefix=pre)
     edit_op = edit_op.with_(edit_rank=sw.rank)
     pairs = edit_pairs(test, seed)

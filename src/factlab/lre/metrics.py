@@ -36,10 +36,14 @@ class Faithfulness:
         return {"recall": self.recall, "n": len(self.hits)}
 
 
+def score_predictions(preds: Sequence[Sequence[str]], objects: Sequence[str]) -> Faithfulness:
+    """Recall@1..k and per-sample @1 hits of decoded top-k tokens against the true objects (prefix rule)."""
+    return Faithfulness(recall_at_k(preds, objects), [is_nontrivial_prefix(p[0], o) for p, o in zip(preds, objects)], list(preds))
+
+
 def faithfulness(lm: LoadedModel, operator: LRE, h: torch.Tensor, objects: Sequence[str], *, k: int = 3) -> Faithfulness:
     """Decode ``operator.predict(h)`` for subject states ``h`` ``(N, d)`` and score against ``objects``."""
-    preds = decode_topk(lm, operator.predict(h), k)
-    return Faithfulness(recall_at_k(preds, objects), [is_nontrivial_prefix(p[0], o) for p, o in zip(preds, objects)], preds)
+    return score_predictions(decode_topk(lm, operator.predict(h), k), objects)
 
 
 def edit_pairs(samples: Sequence[Sample], seed: int = 0) -> list[tuple[int, int]]:

@@ -7,6 +7,7 @@ model's ``forward`` takes, and read the returned cache under either name.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -15,11 +16,15 @@ from torch import nn
 __all__ = ["cache_kwargs", "returned_cache"]
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The name a model class's forward gives its key/value cache (read once per class)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
     """``{"cache": cache, "use_cache": True}`` or ``{"past_key_values": ..., ...}``, whichever ``model.forward`` takes."""
-    params = inspect.signature(type(model).forward).parameters
-    name = "cache" if "cache" in params else "past_key_values"
-    return {name: cache, "use_cache": True}
+    return {_cache_argument(type(model)): cache, "use_cache": True}
 
 
 def returned_cache(output: Any) -> Any:
