@@ -17,26 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-
-def run(cmd: list[str]) -> dict:
-    """Run one factlab command with --json; return its parsed output."""
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    out = subprocess.run(cmd + ["--json"], check=True, capture_output=True, text=True, env={**os.environ, "FACTLAB_NO_PROGRESS": "1"})
-    return json.loads(out.stdout)
-
-
-def ci(e: dict) -> str:
-    return f"{e['mean']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]"
-
-
-def frac(e: dict) -> str:
-    return f"{e['mean']:.2f} [{e['low']:.2f}, {e['high']:.2f}]"
+from circuit_report import EDIT_HEADER, edit_rows, makeup_lines, overlap_lines, run
 
 
 def main() -> None:
@@ -88,27 +73,11 @@ def main() -> None:
     lines += ["", "## Editing the relation's facts inside the circuit, its complement and a same-density random mask", "",
               "Constrained fine-tuning as in the paper (SGD lr 5e-4, 10 steps, radius 5e-4); ΔNLL of the new object "
               "(negative = learned) and success after the edit (new object more likely than the true one), mean [95% CI] over facts.", "",
-              "| relation | mode | where | ΔNLL(new) | ΔNLL(true) | success after |", "|---|---|---|---|---|---|"]
+              *EDIT_HEADER]
     for rel in rels:
-        for mode, per in edits[rel]["summary"].items():
-            for where, m in per.items():
-                lines.append(f"| {rel} | {mode} | {where} | {ci(m['nll_new']['delta'])} | {ci(m['nll_true']['delta'])} | "
-                             f"{frac(m['success']['after'])} |")
-    ov = comp["overlap"]
-    names = ov["names"]
+        lines += edit_rows(rel, edits[rel]["summary"])
     lines += ["", "## Overlap between relation circuits (Jaccard / overlap coefficient, all masked weights)", "",
-              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for i, n in enumerate(names):
-        lines.append(f"| {n} | " + " | ".join(f"{ov['jaccard']['all'][i][j]:.3f} / {ov['overlap_coefficient']['all'][i][j]:.3f}"
-                                              for j in range(len(names))) + " |")
-    dens = sum(f["density"] for f in finds.values()) / len(finds)
-    lines += ["", f"Two independent random masks of density {dens:.3f} would give Jaccard ≈ {dens / (2 - dens):.3f} and overlap "
-              f"coefficient ≈ {dens:.3f}.", "", "## Make-up", "",
-              "| relation | share of circuit: attn / mlp / norm | share of each type kept: attn / mlp / norm |", "|---|---|---|"]
-    for m in comp["makeup"]:
-        sc, sk = m["share_of_circuit"], m["share_kept"]
-        lines.append(f"| {m['name']} | {sc.get('attn', 0):.3f} / {sc.get('mlp', 0):.3f} / {sc.get('norm', 0):.3f} | "
-                     f"{sk.get('attn', 0):.3f} / {sk.get('mlp', 0):.3f} / {sk.get('norm', 0):.3f} |")
+              *overlap_lines(comp, [f["density"] for f in finds.values()]), "", "## Make-up", "", *makeup_lines(comp)]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.md:

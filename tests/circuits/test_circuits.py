@@ -168,6 +168,14 @@ def test_edit_comparison_resumes_and_gives_cis(tmp_path, llama):
     again = compare_edits(llama, recs, masks, config=cfg, log_path=log)  # all rows reused
     assert again.rows == comp.rows
     comp.plot(tmp_path / "edit.png")
+    # a different circuit under the same name, or other settings: those rows are redone, not reused
+    other = {"circuit": random_mask(full_mask(llama), 0.1, seed=5)}
+    assert other["circuit"].fingerprint() != mask.fingerprint() and mask.fingerprint() == mask.complement().complement().fingerprint()
+    redone = compare_edits(llama, recs, other, modes=("restricted",), config=cfg, log_path=log)
+    assert [r["mask"] for r in redone.rows] == [other["circuit"].fingerprint()] * 2
+    assert redone.rows[0]["moved"] != comp.rows[0]["moved"] or redone.rows[0]["after"] != comp.rows[0]["after"]
+    slower = compare_edits(llama, recs, {"circuit": mask}, modes=("restricted",), config=EditConfig(lr=0.1, steps=1, radius=0.01), log_path=log)
+    assert all(r["settings"]["steps"] == 1 and r["steps"] == 1 for r in slower.rows)
 
 
 def test_diverging_edit_stops_with_model_untouched(llama):
@@ -302,3 +310,90 @@ def test_topk_finish_hits_density_when_steps_run_out(llama):
     assert abs(res.density - 0.05) < 0.01
     assert [round(r["density"], 2) for r in res.sweep] == [0.5, 0.2, 0.05]
     assert all(bool((res.sweep_masks[0.05].masks[n] <= res.sweep_masks[0.2].masks[n]).all()) for n in res.mask.masks)  # nested
+
+
+def test_topk_estimator_passes_the_gradient_straight_through():
+    torch.manual_seed(0)
+    logits = torch.randn(40, 9, requires_grad=True)
+    w = torch.randn(40, 9)
+    thr = float(logits.detach().flatten().kthvalue(40 * 9 - 36 + 1).values)  # keep the top 10%
+    fused = masked_weight(w, logits, estimator="topk", threshold=thr)
+    # plain reference: hard top-k mask, d(W * M)/d logit taken as W (straight through, slope 1)
+    hard = (logits.detach() >= thr).float()
+    assert int(hard.sum()) == 36 and torch.equal(fused.detach(), w * hard)
+    up = torch.randn(40, 9)
+    (fused * up).sum().backward()
+    assert torch.allclose(logits.grad, up * w)
+    logits.grad = None
+    from factlab.circuits.masks import threshold_mask
+
+    m = threshold_mask(logits, thr)
+    assert torch.equal(m.detach(), hard)
+    (m * up).sum().backward()
+    assert torch.equal(logits.grad, up)
+    with pytest.raises(MaskError, match="threshold"):
+        masked_weight(w, logits, estimator="topk")
+
+
+def test_anneal_threshold_keeps_the_requested_fraction():
+    from factlab.circuits import discover
+
+    gen = torch.Generator().manual_seed(0)
+    small = {"a": torch.randn(100, 10, generator=gen), "b": torch.randn(300, generator=gen)}
+    for d in (0.5, 0.05, 0.01):
+        thr = discover._threshold(small, d)
+        assert sum(int((v >= thr).sum()) for v in small.values()) == round(d * 1300)  # exact below the sample size
+    assert discover._threshold(small, 1.0) == float("-inf")
+    big = {"w": torch.randn(3_000_000, generator=gen), "v": torch.rand(1_500_000, generator=gen)}  # strided estimate
+    thr = discover._threshold(big, 0.05)
+    kept = sum(int((v >= thr).sum()) for v in big.values()) / 4_500_000
+    assert abs(kept - 0.05) < 0.002
+
+
+def test_anneal_schedule_is_monotone_and_holds_the_target():
+    cfg = DiscoveryConfig(target_density=0.05, schedule="anneal", max_steps=100, anneal_frac=0.5)
+    ds = [cfg.density_at(s) for s in range(0, 101)]
+    assert ds[0] == 1.0 and all(a >= b for a, b in zip(ds, ds[1:]))
+    assert ds[50] == pytest.approx(0.05) and ds[100] == pytest.approx(0.05) and ds[25] > 0.15
+    for bad in ({"schedule": "cosine"}, {"init": "zeros"}, {"anneal_frac": 0.0}):
+        with pytest.raises(MaskError):
+            DiscoveryConfig(**bad)
+
+
+def test_saliency_init_is_log_abs_weight_times_gradient(llama):
+    """The fast path (gradient through an all-ones mask) against a plain reference (gradient of the weights)."""
+    from factlab.circuits import discover
+    from factlab.circuits.masks import select_parameters
+
+    task = from_classification(llama, _toy_task(8), "next-token", label_words=(" a", " b"))
+    cfg = DiscoveryConfig(schedule="anneal", init="saliency", batch_size=8, saliency_batches=1)
+    params = dict(llama.model.named_parameters())
+    chosen = select_parameters(llama)
+    with torch.no_grad():
+        targets = task.logits(llama).argmax(-1)
+    like = {n: torch.zeros(params[n].shape) for n in chosen}
+    got = discover._saliency_logits(llama, task, targets, None, like, cfg, torch.Generator().manual_seed(0))
+    leaves = {n: params[n].detach().clone().requires_grad_(True) for n in chosen}
+    out = task.logits(llama, leaves, list(range(8)), batch_size=8)
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(out.float(), targets), list(leaves.values()))
+    for (n, w), g in zip(leaves.items(), grads):
+        ref = (w.detach() * g).abs()
+        assert torch.allclose(got[n].exp(), ref, rtol=1e-3, atol=float(ref.max()) * 1e-5), n
+
+
+def test_anneal_circuit_hits_exact_densities_and_learns(tmp_path, llama):
+    train = from_classification(llama, _toy_task(16), "next-token", label_words=(" a", " b"))
+    cfg = DiscoveryConfig(target_density=0.2, sweep=(0.6, 0.4), schedule="anneal", init="saliency", lr=0.05,
+                          batch_size=8, max_steps=40, anneal_frac=0.5)
+    res = find_circuit(llama, train, config=cfg, out_dir=tmp_path)
+    assert res.finished_by == "anneal" and res.reached_target and res.steps == 40
+    n = res.mask.n_total
+    assert abs(res.mask.n_kept - round(0.2 * n)) <= 2  # exact top-k (ties aside)
+    assert [r["target"] for r in res.sweep] == [0.6, 0.4, 0.2]
+    assert all(abs(r["density"] - r["target"]) < 0.005 for r in res.sweep)
+    assert (tmp_path / "sweep" / "d0.4.safetensors").exists() and (tmp_path / "sweep" / "d0.2.safetensors").exists()
+    hist = res.history
+    assert hist[-1]["density"] == pytest.approx(0.2) and hist[0]["density"] > 0.85 and all(h["lambda"] == 0 for h in hist)
+    assert res.train_accuracies.agreement >= 0.75  # a toy task the circuit can reproduce
+    for p in llama.model.parameters():
+        assert p.grad is None

@@ -233,9 +233,13 @@ def compare_edits(lm, records: Sequence, masks: Mapping[str, WeightMask], *, mod
     """Edit every record separately inside each mask of ``masks`` (e.g. circuit / complement / random), in each mode.
 
     ``task_every``: measure task damage on every k-th record (0 = never; it costs two task evaluations per edit).
-    ``log_path``: a JSON-lines file of per-edit rows; rows already there are reused (resumable).
+    ``log_path``: a JSON-lines file of per-edit rows; rows already there are reused (resumable) when they were
+    made with the same mask (:meth:`WeightMask.fingerprint`) and the same lr/steps/radius/stop_loss; others are redone.
     """
-    done = {(r["mode"], r["where"], r["case_id"]): r for r in (read_jsonl(log_path) if log_path else [])}
+    prints = {where: mask.fingerprint() for where, mask in masks.items()}
+    settings = {k: getattr(config, k) for k in ("lr", "steps", "radius", "stop_loss")}
+    done = {(r["mode"], r["where"], r["case_id"]): r for r in (read_jsonl(log_path) if log_path else [])
+            if r.get("mask") == prints.get(r["where"]) and r.get("settings") == settings}
     rows: list[dict] = []
     total = len(records) * len(masks) * len(modes)
     bar = progress_bar(desc="circuit edits", total=total, unit="edit")
@@ -250,7 +254,7 @@ def compare_edits(lm, records: Sequence, masks: Mapping[str, WeightMask], *, mod
                     else:
                         t = task if task is not None and task_every and i % task_every == 0 else None
                         fe = edit_fact(lm, rec, mask, cfg, where=where, task=t)
-                        row = fe.to_dict()
+                        row = {**fe.to_dict(), "mask": prints[where], "settings": settings}
                         rows.append(row)
                         if log_path:
                             append_jsonl(log_path, row)

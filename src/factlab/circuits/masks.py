@@ -26,7 +26,7 @@ PARAM_TYPES: tuple[str, ...] = ("attn", "mlp", "mixer", "norm", "final_norm", "e
 #: what the paper masks (every block weight and bias, LayerNorms included; no embeddings, no final norm)
 DEFAULT_TYPES: tuple[str, ...] = ("attn", "mlp", "mixer", "norm")
 
-Estimator = Literal["gumbel", "hard-concrete", "sigmoid"]
+Estimator = Literal["gumbel", "hard-concrete", "sigmoid", "topk"]
 
 
 class MaskError(FactlabError, ValueError):
@@ -135,6 +135,18 @@ class WeightMask:
         return WeightMask({n: ~m for n, m in self.masks.items()}, dict(self.types), self.model_id,
                           {**self.metadata, "complement_of": self.metadata.get("name", "mask")})
 
+    def fingerprint(self) -> str:
+        """A short hash of the model id, parameter names and every bit (16 hex digits): equal iff the masks are."""
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256(self.model_id.encode())
+        for n in sorted(self.masks):
+            h.update(n.encode())
+            h.update(np.packbits(self.masks[n].detach().cpu().bool().numpy().ravel()).tobytes())
+        return h.hexdigest()[:16]
+
     def check_model(self, lm) -> None:
         """Refuse a mask saved for another model or whose shapes do not fit ``lm``."""
         if self.model_id != lm.model_id:
@@ -242,8 +254,13 @@ def _noise(logits: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.log(u).sub_(torch.log1p(-u))
 
 
-def _soft_and_slope(logits: torch.Tensor, estimator: str, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hard 0/1 mask, d soft / d logit) of one estimator, recomputable from ``seed``."""
+def _soft_and_slope(logits: torch.Tensor, estimator: str, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hard 0/1 mask, d soft / d logit) of one estimator, recomputable from ``seed``.
+
+    ``topk``: hard = ``logits >= temperature`` (the caller's global threshold), slope 1 (returned as ``None``).
+    """
+    if estimator == "topk":
+        return (logits >= temperature).to(logits.dtype), None
     if estimator == "sigmoid":
         s = torch.sigmoid(logits / temperature)
         return (logits > 0).to(logits.dtype), s.mul_(1 - s).div_(temperature)
@@ -277,16 +294,29 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         weight, logits = ctx.saved_tensors
         hard, slope = _soft_and_slope(logits.detach(), *ctx.cfg)
-        g_logits = grad * weight * slope if ctx.needs_input_grad[1] else None
+        g_logits = None
+        if ctx.needs_input_grad[1]:
+            g_logits = grad * weight if slope is None else grad * weight * slope
         g_weight = grad * hard if ctx.needs_input_grad[0] else None
         return g_weight, g_logits, None, None, None
 
 
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, *, estimator: Estimator = "gumbel",
-                  temperature: float = 1.0, seed: int = 0) -> torch.Tensor:
+                  temperature: float = 1.0, seed: int = 0, threshold: float | None = None) -> torch.Tensor:
     """Memory-lean ``weight * sample_mask(logits)`` (same value and gradient as :func:`sample_mask` with a
-    generator seeded by ``seed``)."""
+    generator seeded by ``seed``). ``estimator="topk"`` keeps entries with ``logits >= threshold`` and passes
+    the gradient straight through (``dL/dlogit = dL/dW' * W``)."""
+    if estimator == "topk":
+        if threshold is None:
+            raise MaskError("estimator 'topk' needs the global threshold")
+        return _MaskedWeight.apply(weight, logits, estimator, float(threshold), seed)
     return _MaskedWeight.apply(weight, logits, estimator, temperature, seed)
+
+
+def threshold_mask(logits: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """Hard mask ``logits >= threshold`` (exactly 0/1 in value) with a straight-through gradient of slope 1."""
+    hard = (logits >= threshold).to(logits.dtype)
+    return hard + (logits - logits.detach())
 
 
 def hard_mask(logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -41,6 +41,10 @@ def find(
     lambda_every: int = typer.Option(10, "--lambda-every", help="Raise the sparsity weight by 1 every N steps."),
     seed: int = typer.Option(0, "--seed"),
     finish: str = typer.Option("topk", "--finish", help="topk: if --steps end above the target, keep the top-logit entries; threshold: paper's rule only."),
+    schedule: str = typer.Option("lambda", "--schedule", help="lambda: the paper's rising sparsity penalty | anneal: exact top-k mask, density "
+                                                          "lowered 1 -> target over --anneal-frac of the steps, then trained at the target."),
+    init: str = typer.Option("constant", "--init", help="constant (paper) | saliency: log |W * dL/dW| of the full model (use with anneal)."),
+    anneal_frac: float = typer.Option(0.6, "--anneal-frac", help="Share of --steps spent lowering the density (anneal schedule)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask, split, report and pictures."),
     force: bool = typer.Option(False, "--force", help="Recompute even if OUT already holds a finished circuit."),
     device: Optional[str] = DeviceOpt,
@@ -55,7 +59,8 @@ def find(
 
     config = DiscoveryConfig(target_density=density, sweep=_floats(sweep), granularity=granularity,  # type: ignore[arg-type]
                              types=tuple(t for t in types.split(",") if t), estimator=estimator, temperature=temperature,
-                             lr=lr, batch_size=batch_size, max_steps=steps, lambda_every=lambda_every, seed=seed, finish=finish)  # type: ignore[arg-type]
+                             lr=lr, batch_size=batch_size, max_steps=steps, lambda_every=lambda_every, seed=seed, finish=finish,  # type: ignore[arg-type]
+                             schedule=schedule, init=init, anneal_frac=anneal_frac)  # type: ignore[arg-type]
     out = out or Path("runs/circuits") / f"{Path(task).stem}{'-' + relation if relation else ''}-{granularity}-{density:g}"
     if (out / "circuit.json").exists() and not force:
         report = json.loads((out / "circuit.json").read_text())
@@ -137,6 +142,7 @@ def edit(
     radius: float = typer.Option(5e-4, "--radius", help="Each weight stays within ±radius of its original value."),
     task_every: int = typer.Option(0, "--task-every", help="Measure task damage on every N-th edit (0 = never)."),
     sweep: bool = typer.Option(False, "--sweep", help="Also edit inside/outside every density-sweep snapshot."),
+    no_final: bool = typer.Option(False, "--no-final", help="With --sweep: edit only the sweep snapshots, not the final circuit."),
     seed: int = typer.Option(0, "--seed"),
     model: str = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -160,11 +166,12 @@ def edit(
     circuit = _load_run(dir, lm)
     cfg = EditConfig(lr=lr, steps=steps, radius=radius)
     task = _task_of(dir, lm) if task_every else None
-    targets = [("", circuit)]
+    targets = [] if no_final and sweep else [("", circuit)]
     if sweep and (dir / "sweep").exists():
         from factlab.circuits.io import load_mask
 
-        targets += [(p.stem, load_mask(p, lm)) for p in sorted((dir / "sweep").glob("d*.safetensors"))]
+        final_tag = f"d{meta.get('config', {}).get('target_density', -1):g}"  # the final circuit is also saved there
+        targets += [(p.stem, load_mask(p, lm)) for p in sorted((dir / "sweep").glob("d*.safetensors")) if p.stem != final_tag]
     results = {}
     for tag, c in targets:
         pool = {"circuit": c, "complement": c.complement(), "random": random_mask(c, c.density, seed=seed)}
@@ -174,7 +181,8 @@ def edit(
         comp.to_json(sub / "summary.json")
         comp.plot(sub / "edit.png")
         results[tag or "final"] = {"density": c.density, **comp.to_dict()}
-    write_json(dir / "edits" / "summary.json", results)
+    earlier = json.loads((dir / "edits" / "summary.json").read_text()) if (dir / "edits" / "summary.json").exists() else {}
+    write_json(dir / "edits" / "summary.json", {**earlier, **results})  # snapshots edited in an earlier call are kept
     if json_out:
         emit_json(results)
         return
