@@ -397,3 +397,14 @@ def test_anneal_circuit_hits_exact_densities_and_learns(tmp_path, llama):
     assert res.train_accuracies.agreement >= 0.75  # a toy task the circuit can reproduce
     for p in llama.model.parameters():
         assert p.grad is None
+
+
+def test_anneal_component_circuit(llama):
+    train = from_classification(llama, _toy_task(8), "next-token", label_words=(" a", " b"))
+    cfg = DiscoveryConfig(target_density=0.3, granularity="component", schedule="anneal", init="saliency", lr=0.05,
+                          batch_size=8, max_steps=10)
+    res = find_circuit(llama, train, config=cfg)
+    space = ComponentSpace(llama)
+    kept = sum(int(v.sum()) for v in res.component_mask.masks.values())
+    assert res.finished_by == "anneal" and abs(kept - round(0.3 * space.n_components)) <= 1
+    assert len(res.components) == kept

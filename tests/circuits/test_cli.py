@@ -55,3 +55,6 @@ def test_circuit_find_edit_compare(tiny_dir, tmp_path, data_dir, monkeypatch):
     assert (tmp_path / "cmp" / "overlap.png").exists() and (tmp_path / "cmp" / "makeup.png").exists()
     rows = comp["sweep"][0]["rows"]
     assert {r["target"] for r in rows} == {0.5, 0.2} and all("circuit" in r["edit"] for r in rows)
+    cc = _json(runner.invoke(app, ["circuit", "crosscheck", str(outs[0]), "--data", "hierarchy", "--limit", "2", "--json"]))
+    assert set(cc["summary"]) == {"circuit_layers", "other_layers"} and cc["summary"]["circuit_layers"]["n"] == 2
+    assert (outs[0] / "crosscheck_rome.json").exists()

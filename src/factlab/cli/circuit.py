@@ -251,6 +251,44 @@ def compare(
     console.print(f"pictures and JSON in {out}")
 
 
+@circuit_app.command("crosscheck")
+def crosscheck(
+    dir: Path = typer.Argument(..., help="A folder written by `factlab circuit find`."),
+    data: str = typer.Option("hierarchy", "--data", help="hierarchy (hierarchy_data.json), counterfact, or a JSON path."),
+    relation: Optional[str] = typer.Option(None, "--relation", help="Edit only records with this relation_id."),
+    method: str = typer.Option("rome", "--method", help="rome | memit | emmet."),
+    k: int = typer.Option(1, "--k", help="Edit at the k layers the circuit covers most, and at the k it covers least."),
+    limit: int = typer.Option(12, "--limit", help="Edit only the first N records (seeded order; 0 = all)."),
+    seed: int = typer.Option(0, "--seed"),
+    model: str = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """ROME/MEMIT at the layers whose MLP output projection the circuit covers most vs least (each edit restored)."""
+    import random as _random
+
+    from factlab.circuits.edit import rome_crosscheck
+    from factlab.circuits.tasks import fact_records
+    from factlab.io import write_json
+
+    meta = json.loads((dir / "circuit.json").read_text()) if (dir / "circuit.json").exists() else {}
+    lm = load_model(meta.get("model", model) if model == ModelOpt.default else model, device, dtype, quiet=json_out)
+    records = fact_records(data, relation)
+    order = list(range(len(records)))
+    _random.Random(seed).shuffle(order)
+    records = [records[i] for i in (order[:limit] if limit else order)]
+    res = rome_crosscheck(lm, records, _load_run(dir, lm), method=method, k=k)
+    write_json(dir / f"crosscheck_{method}.json", res)
+    if json_out:
+        emit_json({k_: v for k_, v in res.items() if k_ != "rows"})
+        return
+    for label, s in res["summary"].items():
+        d, succ = s["nll_new"]["delta"], s["success"]["after"]
+        console.print(f"  {label:<15} layers {s['layers']} (coverage {', '.join(f'{c:.3f}' for c in s['coverage'])}): "
+                      f"ΔNLL(new) {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]  success after {succ['mean']:.2f}", soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``circuit`` sub-app."""
     app.add_typer(circuit_app, name="circuit")
