@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
+from pathlib import Path
 
 
 def run(cmd: list[str]) -> dict:
@@ -62,3 +64,15 @@ def makeup_lines(comp: dict) -> list[str]:
         lines.append(f"| {m['name']} | {sc.get('attn', 0):.3f} / {sc.get('mlp', 0):.3f} / {sc.get('norm', 0):.4f} | "
                      f"{sk.get('attn', 0):.3f} / {sk.get('mlp', 0):.3f} / {sk.get('norm', 0):.3f} |")
     return lines
+
+
+def write_report(md: str | Path, text: str, payload: dict, pictures: list[Path] = ()) -> None:
+    """Write the Markdown report, its JSON next to it, and copies of ``pictures`` in a folder of the same stem."""
+    md = Path(md)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text)
+    md.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
+    for png in pictures:
+        if png.exists():
+            md.with_suffix("").mkdir(exist_ok=True)
+            shutil.copyfile(png, md.with_suffix("") / png.name)

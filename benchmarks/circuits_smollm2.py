@@ -15,11 +15,10 @@ CPU cost (2 cores): about 10 minutes per circuit at 300 mask steps, 15-25 s per 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from circuit_report import EDIT_HEADER, ci, edit_rows, makeup_lines, overlap_lines, run
+from circuit_report import EDIT_HEADER, ci, edit_rows, makeup_lines, overlap_lines, run, write_report
 
 #: task -> extra `circuit find` arguments (the head form is the paper's; hierarchy is the head-free fact form)
 TASKS = {
@@ -90,11 +89,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if a.md:
-        Path(a.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.md).write_text(text)
-        Path(a.md).with_suffix(".json").write_text(json.dumps({"finds": {t: {k: v for k, v in f.items() if k != "history"} for t, f in finds.items()},
-                                                               "edits": edits, "sweep_edits": sweep_edits, "compare": comp}, indent=1, default=str))
-
+        write_report(a.md, text, {"finds": {t: {k: v for k, v in f.items() if k != "history"} for t, f in finds.items()},
+                                  "edits": edits, "sweep_edits": sweep_edits, "compare": comp},
+                     [*(out / "compare").glob("*.png"), out / "hierarchy" / "edits" / "final" / "edit.png"])
 
 if __name__ == "__main__":
     sys.exit(main())

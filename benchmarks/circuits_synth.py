@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from circuit_report import EDIT_HEADER, edit_rows, makeup_lines, overlap_lines, run
+from circuit_report import EDIT_HEADER, edit_rows, makeup_lines, overlap_lines, run, write_report
 
 
 def main() -> None:
@@ -81,10 +81,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if a.md:
-        Path(a.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.md).write_text(text)
-        Path(a.md).with_suffix(".json").write_text(json.dumps({"finds": {r: {k: v for k, v in f.items() if k != "history"} for r, f in finds.items()},
-                                                               "edits": edits, "compare": comp}, indent=1, default=str))
+        write_report(a.md, text, {"finds": {r: {k: v for k, v in f.items() if k != "history"} for r, f in finds.items()},
+                                  "edits": edits, "compare": comp})
 
 
 if __name__ == "__main__":

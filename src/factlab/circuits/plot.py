@@ -80,8 +80,9 @@ def plot_sweep(report, path: str | Path) -> Path:
     rows = sorted(report.rows, key=lambda r: r["density"])
     d = [r["density"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    colour = {"full": "0.5", "circuit": "C0", "complement": "C1", "random": "C2"}  # the same colour in both panels
     for key in ("full", "circuit", "complement"):
-        axes[0].plot(d, [r["accuracies"][key] for r in rows], marker="o", label=key)
+        axes[0].plot(d, [r["accuracies"][key] for r in rows], marker="o", label=key, color=colour[key])
     axes[0].set_xscale("log")
     axes[0].set_xlabel("circuit density")
     axes[0].set_ylabel("task accuracy")
@@ -92,8 +93,11 @@ def plot_sweep(report, path: str | Path) -> Path:
             pts = [(x, v) for x, v in zip(d, vals) if v is not None]
             axes[1].errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts],
                              yerr=[[p[1]["mean"] - p[1]["low"] for p in pts], [p[1]["high"] - p[1]["mean"] for p in pts]],
-                             marker="o", capsize=3, label=where)
+                             marker="o", capsize=3, label=where, color=colour[where])
     axes[1].set_xscale("log")
+    for ax in axes:  # label the measured densities themselves (log minor ticks overlap)
+        ax.set_xticks(d, [f"{x:.3g}" for x in d])
+        ax.minorticks_off()
     axes[1].set_xlabel("circuit density")
     axes[1].set_ylabel("Δ NLL(new target) after edit")
     if axes[1].get_legend_handles_labels()[0]:

@@ -101,6 +101,9 @@ def _show_find(report: dict, out: Path, json_out: bool, reused: bool) -> None:
         ra = r.get("accuracies", {})
         console.print(f"  sweep {r['target']:<5g} density {r['density']:.4f}: circuit {ra.get('circuit', float('nan')):.3f} "
                       f"complement {ra.get('complement', float('nan')):.3f}")
+    if report.get("finished_by") == "topk":
+        console.print("  [yellow]the paper's rule did not reach the target density within --steps; the circuit is the top-logit "
+                      "entries. On large models use --schedule anneal --init saliency (see docs/circuits.md).[/]", soft_wrap=True)
     console.print(f"  saved to {out}")
 
 
@@ -112,6 +115,22 @@ def _load_run(dir: Path, lm):
     if isinstance(mask, ComponentMask):
         mask = mask.to_weight_mask(ComponentSpace(lm))
     return mask
+
+
+def _run_model_and_records(dir: Path, data: str, relation: str | None, limit: int, seed: int, model: str,
+                           device: str | None, dtype: str | None, quiet: bool) -> tuple[dict, object, list]:
+    """(the run's circuit.json, the model it was found on unless --model says otherwise, the first ``limit`` fact
+    records of ``data`` in a seeded order)."""
+    import random as _random
+
+    from factlab.circuits.tasks import fact_records
+
+    meta = json.loads((dir / "circuit.json").read_text()) if (dir / "circuit.json").exists() else {}
+    lm = load_model(meta.get("model", model) if model == ModelOpt.default else model, device, dtype, quiet=quiet)
+    records = fact_records(data, relation)
+    order = list(range(len(records)))
+    _random.Random(seed).shuffle(order)
+    return meta, lm, [records[i] for i in (order[:limit] if limit else order)]
 
 
 def _task_of(dir: Path, lm):
@@ -150,19 +169,11 @@ def edit(
     json_out: bool = JsonOpt,
 ) -> None:
     """Edit facts inside the circuit, its complement and a same-density random mask; before/after metrics with 95% CIs."""
-    import random as _random
-
     from factlab.circuits.edit import EditConfig, compare_edits
     from factlab.circuits.masks import random_mask
-    from factlab.circuits.tasks import fact_records
     from factlab.io import write_json
 
-    meta = json.loads((dir / "circuit.json").read_text()) if (dir / "circuit.json").exists() else {}
-    lm = load_model(meta.get("model", model) if model == ModelOpt.default else model, device, dtype, quiet=json_out)
-    records = fact_records(data, relation)
-    order = list(range(len(records)))
-    _random.Random(seed).shuffle(order)
-    records = [records[i] for i in (order[:limit] if limit else order)]
+    meta, lm, records = _run_model_and_records(dir, data, relation, limit, seed, model, device, dtype, json_out)
     circuit = _load_run(dir, lm)
     cfg = EditConfig(lr=lr, steps=steps, radius=radius)
     task = _task_of(dir, lm) if task_every else None
@@ -266,18 +277,10 @@ def crosscheck(
     json_out: bool = JsonOpt,
 ) -> None:
     """ROME/MEMIT at the layers whose MLP output projection the circuit covers most vs least (each edit restored)."""
-    import random as _random
-
     from factlab.circuits.edit import rome_crosscheck
-    from factlab.circuits.tasks import fact_records
     from factlab.io import write_json
 
-    meta = json.loads((dir / "circuit.json").read_text()) if (dir / "circuit.json").exists() else {}
-    lm = load_model(meta.get("model", model) if model == ModelOpt.default else model, device, dtype, quiet=json_out)
-    records = fact_records(data, relation)
-    order = list(range(len(records)))
-    _random.Random(seed).shuffle(order)
-    records = [records[i] for i in (order[:limit] if limit else order)]
+    _, lm, records = _run_model_and_records(dir, data, relation, limit, seed, model, device, dtype, json_out)
     res = rome_crosscheck(lm, records, _load_run(dir, lm), method=method, k=k)
     write_json(dir / f"crosscheck_{method}.json", res)
     if json_out:
