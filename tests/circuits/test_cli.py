@@ -58,3 +58,12 @@ def test_circuit_find_edit_compare(tiny_dir, tmp_path, data_dir, monkeypatch):
     cc = _json(runner.invoke(app, ["circuit", "crosscheck", str(outs[0]), "--data", "hierarchy", "--limit", "2", "--json"]))
     assert set(cc["summary"]) == {"circuit_layers", "other_layers"} and cc["summary"]["circuit_layers"]["n"] == 2
     assert (outs[0] / "crosscheck_rome.json").exists()
+    # a component circuit: its sweep snapshots are expanded to weight masks for editing
+    comp_dir = tmp_path / "c"
+    rep = _json(runner.invoke(app, ["circuit", "find", str(task), "--model", tiny_dir, "--density", "0.3", "--sweep", "0.6",
+                                    "--granularity", "component", "--schedule", "anneal", "--init", "saliency", "--steps", "6",
+                                    "--batch-size", "8", "--form", "head", "--out", str(comp_dir), "--json"]))
+    assert rep["granularity"] == "component" and rep["n_components"] > 0
+    res = _json(runner.invoke(app, ["circuit", "edit", str(comp_dir), "--data", "hierarchy", "--limit", "1", "--steps", "1",
+                                    "--mode", "restricted", "--where", "random", "--sweep", "--no-final", "--json"]))
+    assert set(res) == {"d0.6"} and 0 < res["d0.6"]["density"] < 1

@@ -107,11 +107,12 @@ def _show_find(report: dict, out: Path, json_out: bool, reused: bool) -> None:
     console.print(f"  saved to {out}")
 
 
-def _load_run(dir: Path, lm):
+def _load_run(dir: Path, lm, file: Path | None = None):
+    """The run's circuit (or another mask file of it) as a weight mask (component masks are expanded)."""
     from factlab.circuits.components import ComponentMask, ComponentSpace
     from factlab.circuits.io import load_mask
 
-    mask = load_mask(dir / "mask.safetensors", lm)
+    mask = load_mask(file or dir / "mask.safetensors", lm)
     if isinstance(mask, ComponentMask):
         mask = mask.to_weight_mask(ComponentSpace(lm))
     return mask
@@ -179,10 +180,8 @@ def edit(
     task = _task_of(dir, lm) if task_every else None
     targets = [] if no_final and sweep else [("", circuit)]
     if sweep and (dir / "sweep").exists():
-        from factlab.circuits.io import load_mask
-
         final_tag = f"d{meta.get('config', {}).get('target_density', -1):g}"  # the final circuit is also saved there
-        targets += [(p.stem, load_mask(p, lm)) for p in sorted((dir / "sweep").glob("d*.safetensors")) if p.stem != final_tag]
+        targets += [(p.stem, _load_run(dir, lm, p)) for p in sorted((dir / "sweep").glob("d*.safetensors")) if p.stem != final_tag]
     results = {}
     for tag, c in targets:
         pool = {"circuit": c, "complement": c.complement(), "random": random_mask(c, c.density, seed=seed)}
