@@ -308,7 +308,8 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, *, estimator: Esti
     the gradient straight through (``dL/dlogit = dL/dW' * W``)."""
     if estimator == "topk":
         if threshold is None:
-            raise MaskError("estimator 'topk' needs the global threshold")
+            raise MaskError("estimator 'topk' needs the global threshold; it is what schedule='anneal' "
+                            "(--schedule anneal) uses, which computes the threshold each step")
         return _MaskedWeight.apply(weight, logits, estimator, float(threshold), seed)
     return _MaskedWeight.apply(weight, logits, estimator, temperature, seed)
 
