@@ -236,6 +236,14 @@ def find_circuit(lm, train: CircuitTask, test: CircuitTask | None = None, config
     history: list[dict] = []
     lam = 0.0 if anneal else config.lambda_init
     t0 = time.perf_counter()
+
+    def keep(d: float, snap: WeightMask | ComponentMask, step: int, **extra) -> WeightMask | ComponentMask:
+        """Record the mask for sweep density ``d``: kept, saved under ``out_dir/sweep`` as it is reached, one row."""
+        snapshots[d] = snap
+        if out_dir is not None:
+            save_mask(snap, Path(out_dir) / "sweep" / f"d{d:g}.safetensors")
+        sweep_rows.append({"target": d, "density": snap.density, "step": step, **extra, "seconds": time.perf_counter() - t0})
+        return snap
     density = 1.0
     step = 0
     torch.manual_seed(config.seed)
@@ -278,12 +286,8 @@ def find_circuit(lm, train: CircuitTask, test: CircuitTask | None = None, config
             bar.set_postfix(density=f"{density:.4f}", faith=f"{float(faith.detach()):.3f}")
             while sweep_targets and density <= sweep_targets[0]:
                 d = sweep_targets.pop(0)
-                snap = (_topk_snapshot(lm, logits, chosen, space, train, config, step, d) if anneal
-                        else _snapshot(lm, logits, chosen, space, train, config, step, density))
-                snapshots[d] = snap
-                if out_dir is not None:
-                    save_mask(snap, Path(out_dir) / "sweep" / f"d{d:g}.safetensors")
-                sweep_rows.append({"target": d, "density": snap.density, "step": step, "seconds": time.perf_counter() - t0})
+                keep(d, _topk_snapshot(lm, logits, chosen, space, train, config, step, d) if anneal
+                     else _snapshot(lm, logits, chosen, space, train, config, step, density), step)
             if not anneal and density <= config.target_density:
                 break
             if not anneal and step % config.lambda_every == 0:
@@ -294,21 +298,14 @@ def find_circuit(lm, train: CircuitTask, test: CircuitTask | None = None, config
     if anneal:
         # the schedule reached the target at anneal_frac * max_steps; the rest of the steps trained at the target
         finished_by = "anneal"
-        final = snapshots[config.target_density] = _topk_snapshot(lm, logits, chosen, space, train, config, step, config.target_density)
-        if out_dir is not None:
-            save_mask(final, Path(out_dir) / "sweep" / f"d{config.target_density:g}.safetensors")
-        sweep_rows.append({"target": config.target_density, "density": final.density, "step": step, "finished_by": "anneal",
-                           "seconds": time.perf_counter() - t0})
+        final = keep(config.target_density, _topk_snapshot(lm, logits, chosen, space, train, config, step, config.target_density),
+                     step, finished_by="anneal")
         density = final.density
     elif density > config.target_density and config.finish == "topk":
         # not reached within max_steps: keep the highest-logit entries (a documented deviation from the paper)
         finished_by = "topk"
         for d in sweep_targets:  # the densities not reached on the way down, then the target
-            snapshots[d] = _topk_snapshot(lm, logits, chosen, space, train, config, step, d)
-            if out_dir is not None:
-                save_mask(snapshots[d], Path(out_dir) / "sweep" / f"d{d:g}.safetensors")
-            sweep_rows.append({"target": d, "density": snapshots[d].density, "step": step, "finished_by": "topk",
-                               "seconds": time.perf_counter() - t0})
+            keep(d, _topk_snapshot(lm, logits, chosen, space, train, config, step, d), step, finished_by="topk")
         final = snapshots[config.target_density]
         density = final.density
     else:
@@ -346,12 +343,9 @@ def _snapshot(lm, logits, chosen, space, task, config, step, density) -> WeightM
 
 
 def _topk_snapshot(lm, logits, chosen, space, task, config, step, density: float) -> WeightMask | ComponentMask:
-    """Keep the ``density`` fraction of entries with the highest logits (global threshold)."""
+    """Keep the ``density`` fraction of entries with the highest logits (exact global threshold)."""
+    thr = _threshold(logits, density, sample=None)
     with torch.no_grad():
-        flat = torch.cat([l.detach().flatten() for l in logits.values()])
-        k = max(1, round(density * flat.numel()))
-        thr = torch.topk(flat, k, sorted=True).values[-1] if flat.numel() < 2**24 else flat.kthvalue(flat.numel() - k + 1).values
-        del flat
         hard = {n: (l.detach() >= thr) for n, l in logits.items()}
     meta = {"name": f"{task.name}@{density:g}", "task": task.name, "form": task.form, "step": step,
             "target_density": config.target_density, "granularity": config.granularity, "finished_by": "topk"}
@@ -365,13 +359,14 @@ _THRESHOLD_SAMPLE = 2_000_000
 
 
 @torch.no_grad()
-def _threshold(logits: dict[str, torch.Tensor], density: float) -> float:
-    """The logit value above which a ``density`` fraction of all entries lies (global; estimated from an evenly
-    strided sample of about 2 M entries when there are more, which puts the kept fraction within ~0.02% of ``density``)."""
+def _threshold(logits: dict[str, torch.Tensor], density: float, *, sample: int | None = _THRESHOLD_SAMPLE) -> float:
+    """The ``k``-th largest logit over all entries, ``k = round(density * n)`` (at least 1): keeping ``logits >= it``
+    keeps a ``density`` fraction (ties aside). With ``sample``, estimated from an evenly strided sample of about that
+    many entries when there are more (the kept fraction is then within ~0.02% of ``density``); ``None``: exact."""
     if density >= 1.0:
         return float("-inf")
     n = sum(l.numel() for l in logits.values())
-    stride = max(1, n // _THRESHOLD_SAMPLE)
+    stride = max(1, n // sample) if sample else 1
     vals = torch.cat([l.detach().reshape(-1)[::stride] for l in logits.values()])
     k = max(1, round(density * vals.numel()))
     return float(vals.kthvalue(vals.numel() - k + 1).values)
@@ -384,14 +379,15 @@ def _saliency_logits(lm, task: CircuitTask, targets: torch.Tensor, space: Compon
     acc = {n: torch.zeros(l.shape, device=l.device) for n, l in like.items()}
     order = torch.randperm(len(task), generator=gen).tolist()
     bs = min(config.batch_size, len(task))
+    ones = {n: torch.ones_like(a, requires_grad=True) for n, a in acc.items()}
     for b in range(min(config.saliency_batches, -(-len(task) // bs))):
         idx = order[b * bs:(b + 1) * bs]
-        ones = {n: torch.ones_like(a, requires_grad=True) for n, a in acc.items()}
         mp = masked_params(lm, ones) if space is None else masked_params(lm, space.expand(ones))
         loss = nn.functional.cross_entropy(task.logits(lm, mp, idx, batch_size=len(idx)).float(), targets[idx])
         for a, g in zip(acc.values(), torch.autograd.grad(loss, list(ones.values()))):
             a.add_(g.abs())
-        del mp, ones
+        del mp
+    del ones
     top = max(float(a.max()) for a in acc.values())
     floor = top * 1e-12 if top > 0 else 1e-30
     return {n: a.clamp_min_(floor).log_() for n, a in acc.items()}

@@ -7,20 +7,17 @@ relations already there, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
-
-import torch
 
 from factlab.confidence import mean_ci, proportion_ci
 from factlab.data.lre import Relation, Sample
 from factlab.io import append_jsonl, read_jsonl, write_json
 from factlab.lre.fit import fit, identity, learned_linear, translation
 from factlab.lre.metrics import causality, decode_topk, edit_pairs, faithfulness, insert_subject, score_predictions
-from factlab.lre.prompts import KnownFilter, TooFewKnownError, filter_known, icl_prompt, resolve_prefix
+from factlab.lre.prompts import KnownFilter, filter_known, icl_prompt, resolve_prefix
 from factlab.lre.states import Layer, compute_states
 from factlab.lre.sweep import DEFAULT_BETAS, sweep
 from factlab.models.loading import LoadedModel
