@@ -28,3 +28,15 @@ class ModelLoadError(FactlabError, OSError):
 
 class NonFiniteError(FactlabError, FloatingPointError):
     """A tensor that must be finite (logits, statistics, solutions) holds NaN or inf."""
+
+
+class InputError(FactlabError, ValueError):
+    """A user-supplied value (an option, a file, a request) is malformed or out of range."""
+
+
+class RunLockedError(FactlabError, RuntimeError):
+    """Another live process is writing the same run folder."""
+
+
+class IntegrityError(FactlabError, ValueError):
+    """A saved artefact (edit, statistics, run record) fails its checksum or holds non-finite numbers."""

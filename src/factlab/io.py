@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from factlab.errors import RunLockedError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -23,6 +33,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, final)
@@ -31,10 +42,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def to_json_text(obj: Any, *, indent: int | None = None) -> str:
+    """Strict JSON for ``obj``: NaN and infinities become ``null`` (bare ``NaN`` is not JSON; jq and browsers
+    reject it), tensors and arrays become lists, objects with ``to_dict`` their dict."""
+    return json.dumps(_finite(obj), indent=indent, ensure_ascii=False, default=_json_default, allow_nan=False)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (torch.Tensor,)) or (hasattr(o, "tolist") and not isinstance(o, (str, bytes))):
+        return _finite(o.tolist())
+    if hasattr(o, "to_dict") and not isinstance(o, type):
+        return _finite(o.to_dict())
+    return o
+
+
 def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically and return the path."""
+    """Write ``obj`` as strict JSON (see :func:`to_json_text`) to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+        tmp.write_text(to_json_text(obj, indent=indent) + "\n")
     return Path(path)
 
 
@@ -47,7 +78,7 @@ def append_jsonl(path: str | os.PathLike[str], obj: Any) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     _trim_torn_tail(p)
-    line = json.dumps(obj, ensure_ascii=False, default=_json_default) + "\n"
+    line = to_json_text(obj) + "\n"
     with open(p, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
@@ -107,3 +138,40 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
     raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
+
+
+@contextmanager
+def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive lock on ``run_dir`` (file ``.lock``) while a process writes it.
+
+    A second writer fails at once with :class:`~factlab.errors.RunLockedError` naming the holder (pid and
+    host), instead of redoing all the work and duplicating every record. The lock is an OS file lock
+    (``flock``), so a killed holder releases it: resuming after a crash never needs a manual unlock.
+    """
+    import fcntl
+
+    root = Path(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".lock"
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunLockedError(
+                f"{root} is being written by {holder}; wait for it to finish (or stop it), or use another folder"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield root
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()

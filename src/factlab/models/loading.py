@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from factlab.errors import ModelLoadError, NonFiniteError
+from factlab.errors import InputError, ModelLoadError, NonFiniteError
 from factlab.data.paths import offline_reason
 from factlab.models.adapters import Adapter, adapter_for
 from factlab.models.packaged import DEFAULT_MODEL, PACKAGED
@@ -51,7 +51,9 @@ class Prediction:
 class LoadedModel:
     """A causal LM with its tokenizer and architecture adapter.
 
-    ``model_id`` identifies the exact weights (name plus revision or content hash); caches key on it.
+    ``model_id`` identifies the exact weights (name plus revision or content hash). Anything computed *from
+    running* the model (statistics, optimised values, scores, traces) depends on the numerics too and keys on
+    :attr:`numerics_id`; :attr:`identity` is what run folders and summaries record.
     """
 
     model: nn.Module
@@ -59,6 +61,31 @@ class LoadedModel:
     adapter: Adapter
     name: str
     model_id: str
+    attn_implementation: str | None = None
+
+    def __repr__(self) -> str:  # the dataclass repr would print the whole module tree
+        return (f"LoadedModel(name={self.name!r}, model_id={self.model_id!r}, family={self.adapter.family!r}, "
+                f"layers={self.adapter.n_layers}, dtype={self.dtype_name}, device={self.device})")
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights' dtype as a short name: ``"float32"``, ``"bfloat16"``, ..."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def numerics(self) -> dict[str, str | None]:
+        """Device-independent settings that change computed numbers: weight dtype and attention implementation."""
+        return {"dtype": self.dtype_name, "attn_implementation": self.attn_implementation}
+
+    @property
+    def identity(self) -> dict[str, str | None]:
+        """What a result was computed with: ``model_id`` plus :attr:`numerics` (recorded in every run and summary)."""
+        return {"model_id": self.model_id, **self.numerics}
+
+    @property
+    def numerics_id(self) -> str:
+        """One string for cache keys: ``model_id``, dtype and attention implementation (``id|float32|sdpa``)."""
+        return "|".join([self.model_id, self.dtype_name] + ([self.attn_implementation] if self.attn_implementation else []))
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +154,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}") from None
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}") from None
 
 
 def _dequantised_dir(gguf: Path, label: str) -> tuple[Path, str]:
@@ -187,6 +214,31 @@ def _offline_help(name: str) -> str:
     )
 
 
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only mean a local path (a Hub id is ``name`` or ``org/name``)."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+            or name.endswith((".gguf", ".safetensors", ".bin")) or name in (".", ".."))
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this PyTorch build cannot use, before anything is loaded."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no visible CUDA device"
+            raise InputError(f"device {device!r} asked for, but this is {build} (torch {torch.__version__}); "
+                             "use --device cpu, or install a CUDA build of PyTorch on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(f"device {device!r} is not available here; use --device cpu")
+
+
 # --------------------------------------------------------------------------- load
 def load(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
@@ -209,7 +261,8 @@ def load(
 
     torch_dtype = _resolve_dtype(dtype) or torch.float32
     if device is not None and device_map is not None:
-        raise ValueError("give either device or device_map, not both")
+        raise InputError("give either device or device_map, not both")
+    check_device(device)
     name = str(name_or_path)
     path = Path(name).expanduser()
     source: str
@@ -229,6 +282,9 @@ def load(
         source, model_id = str(path.resolve()), f"{path.resolve()}@{_folder_id(path)}"
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a folder written by save_pretrained nor a .gguf file")
+    elif _looks_like_path(name):
+        raise ModelLoadError(f"{path} does not exist; give an existing folder written by save_pretrained, a .gguf file, "
+                             f"a packaged model ({', '.join(PACKAGED)}) or a Hub id like 'org/name'")
     else:
         source, model_id = name, f"{name}@{revision or 'main'}"
 
@@ -267,4 +323,6 @@ def wrap(model: nn.Module, tokenizer, *, name: str | None = None, model_id: str 
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, model_id=model_id or name)
+    attn = getattr(model.config, "_attn_implementation", None)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, model_id=model_id or name,
+                       attn_implementation=attn if isinstance(attn, str) and attn != "factlab" else None)
