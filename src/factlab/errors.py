@@ -40,3 +40,15 @@ class RunLockedError(FactlabError, RuntimeError):
 
 class IntegrityError(FactlabError, ValueError):
     """A saved artefact (edit, statistics, run record) fails its checksum or holds non-finite numbers."""
+
+
+class Interrupted(FactlabError, RuntimeError):
+    """Long work was stopped by SIGINT or SIGTERM; the message says what was saved and how to resume.
+
+    ``exit_code`` is what the CLI exits with: 130 after SIGINT, 143 after SIGTERM (128 + the signal), as shells
+    report a process stopped by that signal.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
+from factlab.errors import InputError
 from factlab.models.adapters.base import SiteSpec
 from factlab.models.loading import LoadedModel
 from factlab.prompts import Batch
@@ -39,6 +40,14 @@ class StopForward(Exception):
     """Raised inside a forward pass to stop it once every needed site has been captured."""
 
 
+class PositionError(InputError, IndexError):
+    """Positions outside the sequence, or per-row positions for another batch size."""
+
+
+class PatchShapeError(InputError):
+    """A patch value does not fit the site it replaces (the message names the site and both shapes)."""
+
+
 # --------------------------------------------------------------------------- positions
 def _index(value: torch.Tensor, positions: Positions) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(row index, position index) tensors selecting ``positions`` of a (B, T, ...) value, or None for all."""
@@ -49,13 +58,13 @@ def _index(value: torch.Tensor, positions: Positions) -> tuple[torch.Tensor, tor
     if isinstance(positions, torch.Tensor) and positions.dim() == 2:
         pos = positions.to(dev)
         if pos.shape[0] != B:
-            raise ValueError(f"per-row positions have {pos.shape[0]} rows but the batch has {B}")
+            raise PositionError(f"per-row positions have {pos.shape[0]} rows but the batch has {B}")
     else:
         p = torch.as_tensor([positions] if isinstance(positions, int) else list(positions), dtype=torch.long, device=dev)
         pos = p.unsqueeze(0).expand(B, -1)
     pos = torch.where(pos < 0, pos + T, pos)
     if (pos < 0).any() or (pos >= T).any():
-        raise IndexError(f"positions {positions} are outside the sequence of length {T}")
+        raise PositionError(f"positions {positions} are outside the sequence of length {T}")
     rows = torch.arange(B, device=dev).unsqueeze(1).expand_as(pos)
     return rows, pos
 
@@ -64,6 +73,30 @@ def select(value: torch.Tensor, positions: Positions) -> torch.Tensor:
     """The ``(B, P, ...)`` slice of a ``(B, T, ...)`` site value at ``positions`` (all positions if None)."""
     idx = _index(value, positions)
     return value if idx is None else value[idx[0], idx[1]]
+
+
+def target_shape(value: torch.Tensor, positions: Positions) -> tuple[int, ...]:
+    """The shape a replacement of ``value`` ``(B, T, ...)`` at ``positions`` has: ``(B, P, ...)``, or ``(B, T, ...)``
+    for all positions."""
+    idx = _index(value, positions)
+    return tuple(value.shape) if idx is None else (*idx[0].shape, *value.shape[2:])
+
+
+def _fits(given: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether a tensor of shape ``given`` broadcasts to exactly ``target``."""
+    try:
+        return tuple(torch.broadcast_shapes(tuple(given), tuple(target))) == tuple(target)
+    except RuntimeError:
+        return False
+
+
+def check_patch(site: str, given: Sequence[int], target: Sequence[int]) -> None:
+    """:class:`PatchShapeError` naming ``site`` unless a value of shape ``given`` can replace one of ``target``."""
+    if not _fits(given, target):
+        raise PatchShapeError(
+            f"the patch of {site!r} has shape {tuple(given)}, which does not fit the site's value {tuple(target)} "
+            "(B, positions, ...); give a tensor of that shape or one that broadcasts to it"
+        )
 
 
 def write(value: torch.Tensor, new: torch.Tensor, positions: Positions) -> torch.Tensor:
@@ -182,14 +215,32 @@ def patch(lm: LoadedModel, patches: Mapping[str, PatchValue], *, positions: Posi
     A tensor value is written at ``positions`` (shape ``(B, P, ...)`` or broadcastable to it; the whole
     ``(B, T, ...)`` value when ``positions`` is None). A callable gets the current ``(B, T, ...)`` value and
     returns the replacement (``positions`` is then ignored: select inside the function).
+
+    A value that does not fit its site raises :class:`PatchShapeError` (naming the site, its shape and the
+    value's) when the site is first computed, before the model uses it; the hooks are removed as always.
     """
 
-    def make(value: PatchValue):
+    def make(site: str, value: PatchValue):
         if callable(value):
-            return value
-        return lambda cur: write(cur, value, positions)
 
-    with hooks(lm, {s: make(v) for s, v in patches.items()}):
+            def call(cur: torch.Tensor) -> torch.Tensor:
+                new = value(cur)
+                if isinstance(new, torch.Tensor):
+                    check_patch(site, new.shape, cur.shape)
+                return new
+
+            return call
+
+        if not isinstance(value, torch.Tensor):
+            raise PatchShapeError(f"the patch of {site!r} is a {type(value).__name__}; give a tensor or a function of the site's value")
+
+        def put(cur: torch.Tensor) -> torch.Tensor:
+            check_patch(site, value.shape, target_shape(cur, positions))
+            return write(cur, value, positions)
+
+        return put
+
+    with hooks(lm, {s: make(s, v) for s, v in patches.items()}):
         yield
 
 
@@ -329,7 +380,7 @@ def attention(
     (same numbers as ``attn_implementation="eager"``; SDPA/flash models differ from it by float rounding).
     """
     if not lm.adapter.has_attention:
-        raise ValueError(f"the {lm.adapter.family} family has no attention layers; attention knockout does not apply")
+        raise InputError(f"the {lm.adapter.family} family has no attention layers; attention knockout does not apply")
     layers = list(range(lm.adapter.n_layers)) if layers is None else sorted(set(layers))
     rec = AttentionRecord() if record else None
     mods = {i: _attention_module(lm, i) for i in layers}

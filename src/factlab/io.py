@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from factlab.errors import RunLockedError
+from factlab.errors import InputError, RunLockedError
 
 
 def _umask() -> int:
@@ -40,6 +41,35 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``path``; on success it takes the place of ``path``.
+
+    An existing folder at ``path`` is swapped out only once the new one is complete, so a failure leaves ``path``
+    as it was (callers decide whether replacing a folder is allowed). Refuses a ``path`` that is a file: it is
+    never moved aside.
+    """
+    final = Path(path)
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{final} is an existing file, not a folder; choose a folder path (the file was left untouched)")
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def to_json_text(obj: Any, *, indent: int | None = None) -> str:

@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from factlab.errors import SubjectNotFoundError
+from factlab.errors import InputError, SubjectNotFoundError
 
 PaddingSide = Literal["left", "right"]
 
@@ -93,11 +93,11 @@ def encode(
     if isinstance(prompts, str):
         prompts = [prompts]
     if len(prompts) == 0:
-        raise ValueError("encode() needs at least one prompt")
+        raise InputError("encode() needs at least one prompt")
     rows = [list(p) if not isinstance(p, str) else token_ids(tokenizer, p, add_special_tokens=add_special_tokens) for p in prompts]
     for p, r in zip(prompts, rows):
         if not r:
-            raise ValueError(f"prompt {p!r} tokenises to nothing; give a non-empty prompt")
+            raise InputError(f"prompt {p!r} tokenises to nothing; give a non-empty prompt")
     return pad(rows, pad_id=pad_token_id(tokenizer), padding_side=padding_side, device=device)
 
 
@@ -106,7 +106,7 @@ def pad(
 ) -> Batch:
     """Pad lists of token ids to a :class:`Batch` with attention masks and position ids."""
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        raise InputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -186,12 +186,12 @@ def continuation_ids(tokenizer, prompt: str, target: str) -> list[int]:
     across the boundary, the target is tokenised on its own instead (without special tokens).
     """
     if not target or not target.strip():
-        raise ValueError("the target is empty; give the target text, e.g. ' Paris'")
+        raise InputError("the target is empty; give the target text, e.g. ' Paris'")
     p = token_ids(tokenizer, prompt)
     full = token_ids(tokenizer, prompt + target)
     if full[: len(p)] == p and len(full) > len(p):
         return full[len(p) :]
     ids = token_ids(tokenizer, target, add_special_tokens=False)
     if not ids:
-        raise ValueError(f"the target {target!r} tokenises to nothing")
+        raise InputError(f"the target {target!r} tokenises to nothing")
     return ids

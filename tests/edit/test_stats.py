@@ -97,14 +97,47 @@ def test_export_import(tiny_models, tiny_env, corpus, tmp_path):
         import_stats(path, lm, "layer.1.mlp.key")
     with pytest.raises(StatsMismatchError):
         import_stats(path, tiny_models["gpt2"])
+    assert got.spec.numerics == lm.numerics  # the spec records the numerics the model ran in
 
 
 def test_spec_key_covers_every_field():
-    base = StatsSpec("m@1", "layer.1.mlp.key", "wikitext-2@abc", 10, 64)
+    base = StatsSpec("m@1", "layer.1.mlp.key", "wikitext-2@abc", 10, 64, model_dtype="float32", attn_implementation="sdpa")
     keys = {base.key()}
-    for change in [dict(model_id="m@2"), dict(site="layer.2.mlp.key"), dict(corpus_id="x@1"), dict(samples=11), dict(max_length=65)]:
+    changes = [dict(model_id="m@2"), dict(site="layer.2.mlp.key"), dict(corpus_id="x@1"), dict(samples=11), dict(max_length=65),
+               dict(model_dtype="bfloat16"), dict(attn_implementation="eager"), dict(model_dtype=None, attn_implementation=None)]
+    for change in changes:
         keys.add(StatsSpec(**{**base.to_dict(), **change}).key())
-    assert len(keys) == 6
+    assert len(keys) == 1 + len(changes)
+
+
+def test_interrupted_before_the_first_batch_resumes_cleanly(tiny_models, tiny_env, corpus, monkeypatch):
+    """An interruption before any chunk is counted saves nothing, so the rerun starts over instead of reading an empty checkpoint."""
+    import factlab.edit.stats as stats_mod
+
+    lm = tiny_models["llama"]
+    kw = dict(corpus=corpus, samples=6, max_length=24, batch_size=3, checkpoint_every=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(stats_mod, "run_and_capture", stop)
+        with pytest.raises(Stop):
+            second_moment(lm, "layer.1.mlp.key", **kw)
+    assert not list(stats_mod.stats_dir().glob("partial_*"))
+    assert second_moment(lm, "layer.1.mlp.key", **kw).count > 0
+
+
+def test_bad_sizes_are_refused_before_reading_the_corpus(tiny_models, tiny_env, tmp_path):
+    from factlab.errors import InputError
+
+    lm = tiny_models["llama"]
+    for bad in (dict(samples=0), dict(batch_size=0), dict(max_length=0)):
+        with pytest.raises(InputError):
+            second_moment(lm, "layer.1.mlp.key", corpus=tmp_path / "missing.txt", **bad)
 
 
 def test_cached_statistics_answer_when_the_corpus_is_gone(tiny_models, tiny_env, corpus):

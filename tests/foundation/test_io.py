@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from factlab.confidence import mean_ci
+from factlab.confidence import SMALL_N, bounded_mean_ci, mean_ci, proportion_ci
 from factlab.io import append_jsonl, load_tensors, read_jsonl, save_tensors, write_json
 
 
@@ -47,3 +47,33 @@ def test_mean_ci_matches_the_t_interval():
     lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
     assert e.n == 5 and abs(e.low - lo) < 1e-12 and abs(e.high - hi) < 1e-12
     assert mean_ci([1.0]).low == 1.0 and mean_ci([]).n == 0
+
+
+def test_bounded_mean_ci_stays_in_range_and_equals_t_inside_it():
+    x = [0.7, 0.95, 0.99]  # the t interval runs past 1 at n = 3
+    t, b = mean_ci(x), bounded_mean_ci(x, 0.0, 1.0)
+    assert t.high > 1 and b.high == 1.0 and b.low == t.low and b.mean == t.mean
+    wide = [0.4, 0.5, 0.45, 0.55, 0.5, 0.48, 0.52, 0.47, 0.5, 0.53, 0.49]
+    assert bounded_mean_ci(wide, 0.0, 1.0) == mean_ci(wide)  # far from the bounds: the plain t interval
+    assert bounded_mean_ci([3.0, 5.0], 0.0, None).low == 0.0 and bounded_mean_ci([3.0, 5.0], 0.0, None).high == mean_ci([3.0, 5.0]).high
+    one = bounded_mean_ci([0.5], -1.0, 1.0)
+    assert (one.low, one.high) == (-1.0, 1.0)  # one value says nothing about the spread
+    assert bounded_mean_ci([], 0.0, 1.0).n == 0 and np.isnan(bounded_mean_ci([], 0.0, 1.0).low)
+    assert bounded_mean_ci([1 + 1e-9, 1.0], 0.0, 1.0).high == 1.0  # rounding past a bound is not an error
+    with pytest.raises(ValueError, match="outside the declared range"):
+        bounded_mean_ci([0.5, 1.5], 0.0, 1.0)
+
+
+def test_proportion_ci_drops_missing_values_and_refuses_values_outside_0_1():
+    e = proportion_ci([1.0, float("nan"), 0.0, None])
+    assert e.n == 2 and e.mean == 0.5 and 0 < e.low < 0.5 < e.high < 1
+    with pytest.raises(ValueError, match=r"\[0, 1\]|range"):
+        proportion_ci([0.5, 2.0])
+
+
+def test_estimates_say_when_n_is_small():
+    small, enough = proportion_ci([1] * (SMALL_N - 1)), proportion_ci([1] * SMALL_N)
+    assert small.small_n and not enough.small_n
+    assert small.to_dict()["small_n"] is True and enough.to_dict()["small_n"] is False
+    assert f"n={SMALL_N - 1} < {SMALL_N}" in str(small) and "<" not in str(enough)
+    assert small.scaled(100).high == 100.0 and small.scaled(100).n == small.n

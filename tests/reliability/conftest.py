@@ -65,3 +65,29 @@ def tiny_llama():
     from factlab.models.tiny import tiny_model
 
     return tiny_model("llama")
+
+
+def known_records(lm, n: int) -> list[dict]:
+    """Records whose answer the tiny random model 'knows' (its own top next token, when it starts a word), in
+    known_1000's format."""
+    from itertools import product
+    from types import SimpleNamespace
+
+    from factlab.locate.dataset import model_knows
+
+    subjects = ["Toyota", "Canada", "Apple", "Berlin", "Oslo", "Tokyo", "Nile", "Mozart", "Paris", "Rome", "Lima", "Cairo",
+                "Thomas Mann", "Michael Jordan", "Danielle Darrieux", "Google", "Picasso", "Einstein", "Lisbon", "Moscow"]
+    templates = ["{} is located in", "{} was founded in", "The home of {} is", "{} is a", "{} plays", "In {} people speak",
+                 "{} was born in", "The capital of {} is", "{} works for", "{} is known for", "The language of {} is",
+                 "{} is part of", "{} belongs to", "{} was created by", "The owner of {} is"]
+    out = []
+    for s, t in product(subjects, templates):
+        prompt = t.format(s)
+        top = lm.tokenizer.decode([int(lm.next_token_probs(prompt)[0].argmax())])
+        rec = {"known_id": len(out), "prompt": prompt, "subject": s, "attribute": top, "relation_id": "P1",
+               "template": t, "prediction": top}
+        if top.startswith(" ") and top.strip() and model_knows(lm, SimpleNamespace(**rec)):
+            out.append(rec)
+            if len(out) == n:
+                break
+    return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -26,9 +27,9 @@ import torch
 
 from factlab.circuits.masks import WeightMask, masked_params
 from factlab.circuits.tasks import CircuitTask, body_hidden, unembed_params
-from factlab.confidence import mean_ci
-from factlab.errors import FactlabError
-from factlab.io import append_jsonl, read_jsonl, write_json
+from factlab.confidence import bounded_mean_ci, mean_ci, proportion_ci
+from factlab.errors import FactlabError, InputError
+from factlab.io import append_jsonl, read_jsonl, run_lock, write_json
 from factlab.progress import progress_bar
 from factlab.prompts import continuation_ids, pad, pad_token_id, token_ids
 
@@ -52,9 +53,9 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.lr <= 0 or self.steps < 1 or self.radius <= 0:
-            raise ValueError("lr, steps and radius must be positive")
+            raise InputError("lr, steps and radius must be positive")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +183,16 @@ def edit_fact(lm, record, mask: WeightMask, config: EditConfig = EditConfig(), *
 
 # ------------------------------------------------------------------ comparison
 METRICS = ("nll_new", "nll_true", "success", "paraphrase_success", "task_accuracy")
+#: metrics in [0, 1] (Wilson intervals; their changes lie in [-1, 1]); the others are NLLs (nats, >= 0)
+RATES = ("success", "paraphrase_success", "task_accuracy")
+
+
+def metric_ci(metric: str, values: Sequence[float], *, change: bool = False) -> dict:
+    """95% interval of ``metric``'s mean (``change``: of its after - before differences) that stays inside
+    the values' range: Wilson for rates, Student t clipped to [-1, 1] for their changes and to >= 0 for NLLs."""
+    if metric in RATES:
+        return (bounded_mean_ci(values, -1.0, 1.0) if change else proportion_ci(values)).to_dict()
+    return (mean_ci(values) if change else bounded_mean_ci(values, 0.0, None)).to_dict()
 
 
 @dataclass
@@ -191,6 +202,7 @@ class EditComparison:
     rows: list[dict]
     config: dict
     model_id: str
+    identity: dict = field(default_factory=dict)  #: the model's identity (id, dtype, attention implementation)
 
     def summary(self) -> dict:
         """``{mode: {where: {metric: {"before","after","delta": Estimate dict}}}}`` plus ``n``."""
@@ -204,17 +216,17 @@ class EditComparison:
                     if not vals:
                         continue
                     d[m] = {
-                        "before": mean_ci([r["before"][m] for r in vals]).to_dict(),
-                        "after": mean_ci([r["after"][m] for r in vals]).to_dict(),
-                        "delta": mean_ci([r["after"][m] - r["before"][m] for r in vals]).to_dict(),
+                        "before": metric_ci(m, [r["before"][m] for r in vals]),
+                        "after": metric_ci(m, [r["after"][m] for r in vals]),
+                        "delta": metric_ci(m, [r["after"][m] - r["before"][m] for r in vals], change=True),
                     }
-                d["moved_weights"] = mean_ci([r["moved"] for r in rs]).to_dict()
-                d["seconds_per_edit"] = mean_ci([r["seconds"] for r in rs]).to_dict()
+                d["moved_weights"] = bounded_mean_ci([r["moved"] for r in rs], 0.0, None).to_dict()
+                d["seconds_per_edit"] = bounded_mean_ci([r["seconds"] for r in rs], 0.0, None).to_dict()
                 out.setdefault(mode, {})[where] = d
         return out
 
     def to_dict(self) -> dict:
-        return {"model_id": self.model_id, "config": self.config, "summary": self.summary(), "n_rows": len(self.rows)}
+        return {"model_id": self.model_id, "model": self.identity, "config": self.config, "summary": self.summary(), "n_rows": len(self.rows)}
 
     def to_json(self, path: str | Path | None = None) -> str:
         if path is not None:
@@ -234,12 +246,23 @@ def compare_edits(lm, records: Sequence, masks: Mapping[str, WeightMask], *, mod
 
     ``task_every``: measure task damage on every k-th record (0 = never; it costs two task evaluations per edit).
     ``log_path``: a JSON-lines file of per-edit rows; rows already there are reused (resumable) when they were
-    made with the same mask (:meth:`WeightMask.fingerprint`) and the same lr/steps/radius/stop_loss; others are redone.
+    made with the same mask (:meth:`WeightMask.fingerprint`), the same lr/steps/radius/stop_loss and the same
+    model identity (weights id, dtype, attention implementation); others are redone. While it runs, the log's
+    folder is locked (:func:`factlab.io.run_lock`): a second process on it fails at once, naming the holder.
     """
+    with ExitStack() as stack:
+        if log_path:
+            stack.enter_context(run_lock(Path(log_path).parent))
+        return _compare(lm, records, masks, modes, config, task, task_every, log_path)
+
+
+def _compare(lm, records: Sequence, masks: Mapping[str, WeightMask], modes: Sequence[str], config: EditConfig,
+             task: CircuitTask | None, task_every: int, log_path: str | Path | None) -> EditComparison:
     prints = {where: mask.fingerprint() for where, mask in masks.items()}
     settings = {k: getattr(config, k) for k in ("lr", "steps", "radius", "stop_loss")}
+    model = lm.identity
     done = {(r["mode"], r["where"], r["case_id"]): r for r in (read_jsonl(log_path) if log_path else [])
-            if r.get("mask") == prints.get(r["where"]) and r.get("settings") == settings}
+            if r.get("mask") == prints.get(r["where"]) and r.get("settings") == settings and r.get("model") == model}
     rows: list[dict] = []
     total = len(records) * len(masks) * len(modes)
     bar = progress_bar(desc="circuit edits", total=total, unit="edit")
@@ -254,14 +277,15 @@ def compare_edits(lm, records: Sequence, masks: Mapping[str, WeightMask], *, mod
                     else:
                         t = task if task is not None and task_every and i % task_every == 0 else None
                         fe = edit_fact(lm, rec, mask, cfg, where=where, task=t)
-                        row = {**fe.to_dict(), "mask": prints[where], "settings": settings}
+                        row = {**fe.to_dict(), "mask": prints[where], "settings": settings, "model": model}
                         rows.append(row)
                         if log_path:
                             append_jsonl(log_path, row)
                     bar.update(1)
     finally:
         bar.close()
-    return EditComparison(rows, {**config.to_dict(), "modes": list(modes), "where": list(masks), "n_records": len(records)}, lm.model_id)
+    return EditComparison(rows, {**config.to_dict(), "modes": list(modes), "where": list(masks), "n_records": len(records)}, lm.model_id,
+                          dict(model))
 
 
 
@@ -307,7 +331,7 @@ def rome_crosscheck(lm, records: Sequence, mask: WeightMask, *, method: str = "r
     for label in sets:
         rs = [r for r in rows if r["layers"] == label]
         summary[label] = {"layers": sets[label], "coverage": [cov[i] for i in sets[label]], "n": len(rs),
-                          **{m: {"delta": mean_ci([r["after"][m] - r["before"][m] for r in rs]).to_dict(),
-                                 "after": mean_ci([r["after"][m] for r in rs]).to_dict()}
+                          **{m: {"delta": metric_ci(m, [r["after"][m] - r["before"][m] for r in rs], change=True),
+                                 "after": metric_ci(m, [r["after"][m] for r in rs])}
                              for m in ("nll_new", "success", "paraphrase_success") if rs and m in rs[0]["before"]}}
-    return {"method": method, "coverage": cov, "summary": summary, "rows": rows}
+    return {"method": method, "model": lm.identity, "coverage": cov, "summary": summary, "rows": rows}

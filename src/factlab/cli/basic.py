@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, err_console, load_model
-from factlab.models import PACKAGED, cache_dir
+from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, check_prompts, console, emit_json, err_console, load_model
 
 DEMO_FACTS = [
     "The Eiffel Tower is located in the city of",
@@ -22,6 +22,8 @@ DEMO_FACTS = [
 
 def models(json_out: bool = JsonOpt) -> None:
     """List packaged offline models (installed or not) and the converted models in the cache."""
+    from factlab.models import PACKAGED, cache_dir
+
     cached = sorted(p.name for p in (cache_dir() / "models").glob("*") if (p / "config.json").exists()) if (cache_dir() / "models").exists() else []
     rows = [
         {
@@ -37,12 +39,15 @@ def models(json_out: bool = JsonOpt) -> None:
         emit_json({"packaged": rows, "cache_dir": str(cache_dir()), "cached": cached})
         return
     t = Table(title="packaged models")
-    for col in ("name", "installed", "float cache", "description", "install with"):
+    for col in ("name", "installed", "float cache", "description"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], "yes" if r["installed"] else "no", "yes" if r["cached"] else "no", r["description"], r["install"])
+        t.add_row(*(escape(v) for v in (r["name"], "yes" if r["installed"] else "no", "yes" if r["cached"] else "no", r["description"])))
     console.print(t)
-    console.print(f"cache: {cache_dir()} ({len(cached)} converted model(s))")
+    # install commands on their own lines, whole (a table cell would cut them) and as text (not rich markup)
+    for r in rows:
+        console.print(escape(f"install {r['name']}: {r['install']}"), soft_wrap=True)
+    console.print(escape(f"cache: {cache_dir()} ({len(cached)} converted model(s))"), soft_wrap=True)
 
 
 def predict(
@@ -54,17 +59,18 @@ def predict(
     json_out: bool = JsonOpt,
 ) -> None:
     """Show the most likely next tokens after each prompt."""
+    prompts = check_prompts(prompts)
     lm = load_model(model, device, dtype, quiet=json_out)
     preds = lm.predict(prompts, top_k=top_k)
     if json_out:
         emit_json([{"prompt": p, "predictions": [{"token": x.token, "prob": x.prob} for x in ps]} for p, ps in zip(prompts, preds)])
         return
     for p, ps in zip(prompts, preds):
-        t = Table(title=p, show_header=True)
+        t = Table(title=escape(p), show_header=True)  # prompts and tokens are text, never rich markup
         t.add_column("token")
         t.add_column("prob", justify="right")
         for x in ps:
-            t.add_row(repr(x.token), f"{x.prob:.3f}")
+            t.add_row(escape(repr(x.token)), f"{x.prob:.3f}")
         console.print(t)
 
 
@@ -104,7 +110,7 @@ def demo(
         for col in ("prompt", "top answer", "prob", "runners-up"):
             t.add_column(col, justify="right" if col == "prob" else "left")
         for p, ps in zip(DEMO_FACTS, preds):
-            t.add_row(p, repr(ps[0].token), f"{ps[0].prob:.2f}", ", ".join(f"{x.token!r} {x.prob:.2f}" for x in ps[1:]))
+            t.add_row(p, escape(repr(ps[0].token)), f"{ps[0].prob:.2f}", escape(", ".join(f"{x.token!r} {x.prob:.2f}" for x in ps[1:])))
         console.print(t)
 
     # 2. locate: causal trace of the fact we are about to edit
@@ -152,14 +158,14 @@ def demo(
         t.add_column(col)
     for k, v in traces.items():
         pk = v["peak"]
-        t.add_row(k, repr(pk["token"]), str(pk["layer"]), f"{pk['score']:.3f}", f"{v['low']:.3f}", f"{v['high']:.3f}", v["heatmap"])
+        t.add_row(k, escape(repr(pk["token"])), str(pk["layer"]), f"{pk['score']:.3f}", f"{v['low']:.3f}", f"{v['high']:.3f}", escape(v["heatmap"]))
     console.print(t)
     console.print(f"noise: {report['noise']}")
-    t = Table(title=f"3. ROME edit at layer(s) {report['edit']['layers']}: {subject} -> {DEMO_EDIT['target_new'].strip()} (saved to {saved})")
+    t = Table(title=escape(f"3. ROME edit at layer(s) {report['edit']['layers']}: {subject} -> {DEMO_EDIT['target_new'].strip()} (saved to {saved})"))
     for col in ("check", "prompt", "before", "after edit", "after restore"):
         t.add_column(col)
     for c in report["edit"]["checks"]:
-        fmt = lambda x: f"{x['token']!r} {x['prob']:.2f}"  # noqa: E731
+        fmt = lambda x: escape(f"{x['token']!r} {x['prob']:.2f}")  # noqa: E731
         t.add_row(c["what"], c["prompt"], fmt(c["before"]), fmt(c["after"]), fmt(c["restored"]))
     console.print(t)
     console.print("The edit was restored bit for bit; re-apply it with factlab.edit.EditResult.load(path, lm).apply().")

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 import typer
+from rich.markup import escape
 
 from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, load_model
 
@@ -89,7 +89,7 @@ def _show_find(report: dict, out: Path, json_out: bool, reused: bool) -> None:
         emit_json({**report, "out": str(out), "reused": reused, "history": report["history"][-1:]})
         return
     a = report["accuracies"]
-    console.print(f"[bold]{report['task']}[/] ({report['form']}, {report['granularity']}): density {report['density']:.4f} "
+    console.print(f"[bold]{escape(str(report['task']))}[/] ({report['form']}, {report['granularity']}): density {report['density']:.4f} "
                   f"after {report['steps']} steps, {report['seconds']:.0f} s{' (reused)' if reused else ''}")
     console.print(f"  accuracy  full {a['full']:.3f}   circuit {a['circuit']:.3f}   complement {a['complement']:.3f}   "
                   f"agreement {a['agreement']:.3f}   (n={a['n']})")
@@ -104,7 +104,7 @@ def _show_find(report: dict, out: Path, json_out: bool, reused: bool) -> None:
     if report.get("finished_by") == "topk":
         console.print("  [yellow]the paper's rule did not reach the target density within --steps; the circuit is the top-logit "
                       "entries. On large models use --schedule anneal --init saliency (see docs/circuits.md).[/]", soft_wrap=True)
-    console.print(f"  saved to {out}")
+    console.print(escape(f"  saved to {out}"), soft_wrap=True)
 
 
 def _load_run(dir: Path, lm, file: Path | None = None):
@@ -135,6 +135,8 @@ def _run_model_and_records(dir: Path, data: str, relation: str | None, limit: in
 
 
 def _task_of(dir: Path, lm):
+    import torch
+
     from factlab.circuits.tasks import split_from_dict
     from factlab.io import load_tensors
 
@@ -258,7 +260,7 @@ def compare(
     console.print("[bold]make-up[/]  share of circuit by type | share of each type kept")
     for m in mus:
         console.print(f"  {m.name:<28} " + "  ".join(f"{t}:{m.share_of_circuit[t]:.3f}|{m.share_kept[t]:.3f}" for t in sorted(m.share_kept)), soft_wrap=True)
-    console.print(f"pictures and JSON in {out}")
+    console.print(escape(f"pictures and JSON in {out}"), soft_wrap=True)
 
 
 @circuit_app.command("crosscheck")

@@ -10,24 +10,40 @@ import typer
 from rich.table import Table
 
 from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, err_console, load_model
+from factlab.errors import InputError, NonFiniteError
 
 edit_app = typer.Typer(help="Rewrite facts in a model's weights (ROME, MEMIT, EMMET).", no_args_is_help=False)
 
 
 def _hparams(text: Optional[str]) -> dict[str, Any] | None:
+    """``--hparams``: a JSON object, or a file holding one; :class:`InputError` otherwise."""
     if not text:
         return None
     p = Path(text)
-    return json.loads(p.read_text()) if p.exists() else json.loads(text)
+    is_file = p.is_file()
+    where = f"the file {p}" if is_file else "--hparams"
+    try:
+        value = json.loads(p.read_text(encoding="utf-8") if is_file else text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        hint = "" if is_file else " (nor an existing file)"
+        raise InputError(f"{where} is not valid JSON{hint}: {e}; give an object such as '{{\"v_steps\": 20}}'") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{where} must be a JSON object such as '{{\"v_steps\": 20}}', not {type(value).__name__}")
+    return value
 
 
 def _layers(text: Optional[str]) -> list[int] | None:
+    """``--layers``: comma-separated integers (``4,5``); :class:`InputError` otherwise (the range is checked by
+    the library, before any forward pass)."""
     if not text:
         return None
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
+        layers = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise typer.BadParameter(f"--layers takes comma-separated integers such as 4,5 (got {text!r})") from None
+        raise InputError(f"--layers takes comma-separated integers such as 4,5 (got {text!r})") from None
+    if not layers:
+        raise InputError(f"--layers takes comma-separated integers such as 4,5 (got {text!r})")
+    return layers
 
 
 def _predictions(lm, prompts: list[str], k: int = 3) -> list[list[dict[str, Any]]]:
@@ -68,18 +84,22 @@ def edit_cmd(
     if ctx.invoked_subcommand is not None:
         return
     from factlab.edit import Request, edit, load_requests
+    from factlab.edit.result import check_save_path
 
     if requests is not None:
         reqs = load_requests(requests)
     elif prompt and subject and target:
         reqs = [Request(prompt, subject, target)]
     else:
-        raise typer.BadParameter("give --prompt, --subject and --target, or --requests FILE")
+        raise InputError("give --prompt, --subject and --target, or --requests FILE")
+    edit_layers, edit_hparams = _layers(layers), _hparams(hparams)
+    if save is not None:
+        check_save_path(save)
     lm = load_model(model, device, dtype, quiet=json_out)
     prompts = [r.filled for r in reqs[:20]] + list(check)
     before = _predictions(lm, prompts)
     with err_console.status(f"editing {len(reqs)} fact(s) with {method} ..."):
-        res = edit(lm, reqs, method=method, layers=_layers(layers), hparams=_hparams(hparams), projection=projection, on_known=on_known)
+        res = edit(lm, reqs, method=method, layers=edit_layers, hparams=edit_hparams, projection=projection, on_known=on_known)
     after = _predictions(lm, prompts)
     if save is not None:
         res.save(save)
@@ -94,23 +114,51 @@ def edit_cmd(
         console.print(f"saved to {save}; apply it with: factlab edit apply {save} --model {model} --out MODEL_DIR")
 
 
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is an existing file; give a folder path")
+    if out.exists() and not force:
+        raise InputError(f"--out {out} already exists; choose a new folder, or pass --force to replace it")
+
+
+def _first_non_finite(lm) -> str | None:
+    """The name of the first parameter holding NaN/inf, or None."""
+    import torch
+
+    return next((n for n, p in lm.model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
 @edit_app.command("apply")
 def apply_cmd(
     path: Path = typer.Argument(..., help="A folder written by `factlab edit --save`."),
     out: Path = typer.Option(..., "--out", help="Folder to write the edited model to (save_pretrained)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists (only once the new model is complete)."),
+    stack: bool = typer.Option(
+        False, "--stack", help="Apply even to another model or to weights that are not the ones the edit was made on (add it again)."
+    ),
     model: str = ModelOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Apply a saved edit to the model and write the edited model with save_pretrained."""
-    from factlab.edit import EditResult
+    """Apply a saved edit to the model and write the edited model with save_pretrained.
 
+    The edit is verified (checksums, finite values) before the model is loaded and refused on another model or
+    on weights that are not the ones it was made on (unless --stack); nothing is written unless every weight of
+    the edited model is finite, and --out appears complete or not at all."""
+    from factlab.edit import EditResult, read_saved_edit
+    from factlab.io import atomic_folder
+
+    _check_out(out, force)
+    saved = read_saved_edit(path)
     lm = load_model(model, device, dtype, quiet=json_out)
-    res = EditResult.load(path, lm).apply()
-    with err_console.status(f"writing {out} ..."):
-        lm.model.save_pretrained(out)
-        lm.tokenizer.save_pretrained(out)
+    res = EditResult.load(saved, lm, strict=not stack).apply(stack=stack)
+    bad = _first_non_finite(lm)
+    if bad is not None:
+        raise NonFiniteError(f"the edited model holds NaN/inf in {bad}; nothing was written to {out}")
+    with err_console.status(f"writing {out} ..."), atomic_folder(out) as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
     if json_out:
         emit_json({"edit": res.to_dict(), "out": str(out)})
     else:
@@ -165,15 +213,18 @@ def stats_cmd(
     from factlab.edit import export_stats, import_stats, second_moments
     from factlab.edit.stats import stats_path
 
+    if import_file is not None and not import_file.is_file():
+        what = "is a folder" if import_file.is_dir() else "does not exist"
+        raise InputError(f"--import {import_file} {what}; give a statistics file written by `factlab stats --export`")
+    if export is not None and len(site) != 1:
+        raise InputError("--export writes one site; give one --site")
     lm = load_model(model, device, dtype, quiet=json_out)
     if import_file is not None:
-        m = import_stats(import_file, lm, site[0] if len(site) == 1 else None)
+        m = import_stats(import_file, lm, site[0] if len(site) == 1 else None)  # a damaged file: IntegrityError
         got = {m.spec.site: m}
     else:
         got = second_moments(lm, list(site), corpus=corpus, samples=samples, max_length=max_length, batch_size=batch_size)
     if export is not None:
-        if len(got) != 1:
-            raise typer.BadParameter("--export writes one site; give one --site")
         export_stats(next(iter(got.values())), export)
     rows = [{"site": s, "dim": m.dim, "tokens": m.count, "file": str(stats_path(m.spec)) if m.spec else None,
              "trace": float(m.mom2.double().trace())} for s, m in got.items()]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
-from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, err_console, load_model
+from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, load_model
+from factlab.errors import FactlabError, InputError
 
 eval_app = typer.Typer(help="Score edits on CounterFact, zsRE or MQuAKE exactly as the papers do.", no_args_is_help=True)
 
@@ -23,49 +25,65 @@ LayersOpt = typer.Option(None, "--layers", help="Comma-separated layers to edit 
 HparamsOpt = typer.Option(None, "--hparams", help="Editor hyperparameters: a JSON object or a .json file.")
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """A :class:`FactlabError` (a user mistake) ends the command with one ``error:`` line and exit code 2."""
+    try:
+        yield
+    except FactlabError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
 def _parse_layers(s: Optional[str]) -> Optional[list[int]]:
+    """``"3,4,5"`` -> ``[3, 4, 5]`` (their range is checked against the model before any work)."""
     if not s:
         return None
     try:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--layers must be comma-separated integers, got {s!r}") from None
+        raise InputError(f"--layers must be comma-separated integers, got {s!r}") from None
 
 
 def _parse_hparams(s: Optional[str]) -> Optional[dict]:
+    """A JSON object given inline or as a ``.json`` file."""
     if not s:
         return None
     p = Path(s)
-    text = p.read_text() if p.suffix == ".json" and p.is_file() else s
+    if p.suffix == ".json" and not s.lstrip().startswith("{"):
+        if not p.is_file():
+            raise InputError(f"--hparams file {p} does not exist; give a JSON object or an existing .json file")
+        text, where = p.read_text(), f"--hparams file {p}"
+    else:
+        text, where = s, "--hparams"
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
-        raise typer.BadParameter(f"--hparams is neither a JSON object nor a .json file: {e}") from None
+        raise InputError(f"{where} is not valid JSON ({e}); give a JSON object such as '{{\"v_steps\": 10}}' or a .json file") from None
     if not isinstance(d, dict):
-        raise typer.BadParameter("--hparams must be a JSON object")
+        raise InputError(f"{where} must be a JSON object of hyperparameters, got {type(d).__name__}")
     return d
 
 
-def _run(dataset: str, model: str, device: Optional[str], dtype: Optional[str], json_out: bool, **kw) -> None:
-    from factlab.data import DatasetNotFoundError, SchemaError
+def _run(dataset: str, model: str, device: Optional[str], dtype: Optional[str], json_out: bool,
+         layers: Optional[str], hparams: Optional[str], **kw) -> None:
+    """Parse, load, evaluate, print. User mistakes (any :class:`FactlabError`) end in one ``error:`` line, exit 2."""
     from factlab.evaluate import evaluate
     from factlab.evaluate.distributed import init_distributed
 
-    dist = init_distributed()
-    try:
-        if device is None and dist.active:
-            import torch
-
-            if torch.cuda.is_available():
-                device = f"cuda:{dist.local_rank}"
-        lm = load_model(model, device, dtype, quiet=json_out or not dist.is_main)
+    with _user_errors():
+        kw.update(layers=_parse_layers(layers), hparams=_parse_hparams(hparams))  # before loading anything
+        dist = init_distributed()
         try:
+            if device is None and dist.active:
+                import torch
+
+                if torch.cuda.is_available():
+                    device = f"cuda:{dist.local_rank}"
+            lm = load_model(model, device, dtype, quiet=json_out or not dist.is_main)
             summary = evaluate(lm, dataset, dist=dist, **kw)
-        except (SchemaError, DatasetNotFoundError, ValueError) as e:
-            err_console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from None
-    finally:
-        dist.close()
+        finally:
+            dist.close()
     if not dist.is_main:
         return
     if json_out:
@@ -77,6 +95,9 @@ def _run(dataset: str, model: str, device: Optional[str], dtype: Optional[str], 
         console.print(f"--known-only ({d['known_criterion']}): kept {d['known_kept']} of {d['known_checked']} cases checked")
     if d.get("skipped", {}).get("subject_not_in_prompt"):
         console.print(f"skipped {d['skipped']['subject_not_in_prompt']} record(s) whose subject is not in the prompt")
+    for kind, ids in d.get("missing_prompts", {}).items():
+        if ids:
+            console.print(f"{len(ids)} case(s) have no {kind}: the metrics that need them cover the other cases (see n)")
     for k, why in summary.unavailable.items():
         console.print(f"{k}: unavailable — {why}")
     console.print(f"summary: {summary.run.get('run_dir')}/summary.json")
@@ -111,17 +132,18 @@ def counterfact(
     reference_dir: Optional[str] = typer.Option(None, "--reference-dir", help="Folder with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json."),
     layers: Optional[str] = LayersOpt,
     hparams: Optional[str] = HparamsOpt,
+    strict_records: bool = typer.Option(False, "--strict-records", help="Refuse cases without paraphrase or neighbourhood prompts (default: warn, naming them, and leave those metrics out for them)."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """CounterFact: ES/EM, PS/PM, NS/NM, S, fluency (GE) and reference score (RS)."""
     _run(
-        "counterfact", model, device, dtype, json_out,
+        "counterfact", model, device, dtype, json_out, layers, hparams,
         method=method, batch_size=batch_size, sequential=sequential, limit=limit, known_only=known_only,
         known_criterion=known_criterion, out=out, data_path=data, data_file=file, schema=schema,
         generation=_gen(gen_prompts, gen_length, decoding, seed, gen_every), reference_dir=reference_dir,
-        layers=_parse_layers(layers), hparams=_parse_hparams(hparams),
+        strict_records=strict_records,
     )  # fmt: skip
 
 
@@ -144,9 +166,9 @@ def zsre(
 ) -> None:
     """zsRE: teacher-forced token accuracy (efficacy, paraphrase, specificity) and their harmonic mean."""
     _run(
-        "zsre", model, device, dtype, json_out,
+        "zsre", model, device, dtype, json_out, layers, hparams,
         method=method, batch_size=batch_size, sequential=sequential, limit=limit, out=out, data_path=data,
-        data_file=file, zsre_convention=convention, layers=_parse_layers(layers), hparams=_parse_hparams(hparams),
+        data_file=file, zsre_convention=convention,
     )  # fmt: skip
 
 
@@ -171,10 +193,9 @@ def mquake(
     from factlab.evaluate import MquakeConfig
 
     _run(
-        "mquake", model, device, dtype, json_out,
+        "mquake", model, device, dtype, json_out, layers, hparams,
         method=method, batch_size=batch_size, sequential=sequential, limit=limit, out=out, data_path=data,
-        data_file=file, mquake=MquakeConfig(max_new_tokens=max_new_tokens), layers=_parse_layers(layers),
-        hparams=_parse_hparams(hparams),
+        data_file=file, mquake=MquakeConfig(max_new_tokens=max_new_tokens),
     )  # fmt: skip
 
 
@@ -189,12 +210,10 @@ def plot(
     from factlab.evaluate.plot import plot_batch_sizes, plot_sequential
 
     names = [m for m in metrics.split(",") if m]
-    if x == "batch-size":
-        plot_batch_sizes(run_dirs, names, out)
-    elif x == "sequential":
-        plot_sequential(run_dirs, names, out)
-    else:
+    if x not in ("batch-size", "sequential"):
         raise typer.BadParameter("--x must be batch-size or sequential")
+    with _user_errors():
+        (plot_batch_sizes if x == "batch-size" else plot_sequential)(run_dirs, names, out)
     console.print(f"wrote {out}")
 
 
@@ -203,7 +222,8 @@ def show(run_dir: Path = typer.Argument(..., help="Run directory or summary.json
     """Print a finished run's summary table."""
     from factlab.evaluate import Summary
 
-    s = Summary.load(run_dir)
+    with _user_errors():
+        s = Summary.load(run_dir)
     if json_out:
         emit_json(s.to_dict())
     else:

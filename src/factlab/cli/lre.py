@@ -11,16 +11,32 @@ from rich.table import Table
 from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, err_console, load_model
 
 
-def _layer(value: Optional[str]):
+def _layer(value: Optional[str], option: str = "--layer"):
+    """``None``, ``"emb"`` or an int; anything else is a usage error (ranges are checked against the model)."""
     if value is None:
         return None
-    return "emb" if value == "emb" else int(value)
+    v = value.strip()
+    if v == "emb":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes a layer number or 'emb', not {value!r}") from None
 
 
-def _layers(value: Optional[str]):
+def _layers(value: Optional[str], option: str = "--sweep-layers"):
     if not value:
         return None
-    return [_layer(v.strip()) for v in value.split(",") if v.strip()]
+    return [_layer(v, option) for v in value.split(",") if v.strip()]
+
+
+def _check_layers(lm, layers) -> None:
+    """Every given layer exists in ``lm``: checked before any forward pass (None means "the sweep chooses")."""
+    from factlab.lre.states import check_layer
+
+    for layer in layers:
+        if layer is not None:
+            check_layer(lm, layer)
 
 
 def fit_cmd(
@@ -41,20 +57,22 @@ def fit_cmd(
     from factlab.data import load_relation
     from factlab.lre import filter_known, fit, require_known, split_known, sweep
 
+    layer_value, sweep_layers = _layer(layer), _layers(layers)
     rel = load_relation(relation)
     lm = load_model(model, device, dtype, quiet=json_out)
+    _check_layers(lm, [layer_value, *(sweep_layers or [])])
     kf = filter_known(lm, rel, n_icl=n_train, seed=seed, max_samples=200)
     require_known(kf, n_train + 3)
     edit_layer = edit_rank = None
     if layer is None or beta is None:
-        sw = sweep(lm, rel, kf.known, seed=seed, n_train=n_train, layers=_layers(layers))
+        sw = sweep(lm, rel, kf.known, seed=seed, n_train=n_train, layers=sweep_layers)
         train = sw.split.train
-        lay = sw.layer if layer is None else _layer(layer)
+        lay = sw.layer if layer is None else layer_value
         b = sw.beta if beta is None else beta
         edit_layer, edit_rank = sw.edit_layer, sw.rank
     else:
         train = split_known(kf.known, n_train, seed).train
-        lay, b = _layer(layer), beta
+        lay, b = layer_value, beta
     op = fit(lm, rel, layer=lay, beta=b, rank=rank, train=train, edit_rank=edit_rank if edit_layer == lay else None)
     out = {**op.to_dict(), "n_known": kf.n_known, "n_tested": kf.n_known + len(kf.unknown), "sweep_edit_layer": edit_layer, "sweep_edit_rank": edit_rank}
     if save is not None:
@@ -91,9 +109,11 @@ def eval_cmd(
     from factlab.lre import EvalSettings, evaluate_relations
     from factlab.progress import progress
 
+    sweep_layers = _layers(layers, "--layers")
     rels = load_relations("all") if relations == ["all"] else [load_relation(r) for r in relations]
     lm = load_model(model, device, dtype, quiet=json_out)
-    settings = EvalSettings(n_train=n_train, trials=trials, min_known=min_known, max_samples=max_samples, layers=_layers(layers))
+    _check_layers(lm, sweep_layers or [])
+    settings = EvalSettings(n_train=n_train, trials=trials, min_known=min_known, max_samples=max_samples, layers=sweep_layers)
 
     def report(r) -> None:
         if not json_out:
@@ -110,10 +130,10 @@ def eval_cmd(
 
 def lens_cmd(
     prompt: str = typer.Argument(..., help="The prompt to decode."),
-    relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Fit (or --lre load) an LRE of this relation; omit for the logit lens."),
+    relation: Optional[str] = typer.Option(None, "--relation", "-r", help="Fit an LRE of this relation (omit it and --lre for the logit lens)."),
     lre_file: Optional[Path] = typer.Option(None, "--lre", help="A saved LRE (from `lre fit --save`)."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="LRE layer when fitting (default: sweep)."),
-    beta: Optional[float] = typer.Option(None, "--beta"),
+    beta: Optional[float] = typer.Option(None, "--beta", help="LRE scale β when fitting (default: sweep)."),
     target: Optional[str] = typer.Option(None, "--target", help="Also record the probability of this object."),
     model: str = ModelOpt,
     out: Path = typer.Option(Path("runs/lens"), "--out", help="Folder for lens.png, lens.svg and lens.json."),
@@ -123,34 +143,26 @@ def lens_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Attribute lens: decode every (layer, token) state through an LRE and draw the grid (no LRE: logit lens)."""
-    from factlab.io import write_json
-    from factlab.lre import LRE, attribute_lens, filter_known, fit, require_known, split_known, sweep
-    from factlab.data import load_relation
+    from rich.markup import escape
 
+    from factlab.data import load_relation
+    from factlab.io import write_json
+    from factlab.lre import LRE
+    from factlab.lre.lens import lens
+
+    layer_value = _layer(layer)
+    rel = load_relation(relation) if relation is not None else None
+    op = LRE.load(lre_file) if lre_file is not None else None
     lm = load_model(model, device, dtype, quiet=json_out)
-    op = None
-    if lre_file is not None:
-        op = LRE.load(lre_file)
-    elif relation is not None:
-        rel = load_relation(relation)
-        kf = filter_known(lm, rel, max_samples=max_samples)
-        require_known(kf, 8)
-        if layer is None or beta is None:
-            sw = sweep(lm, rel, kf.known)
-            lay, b, train = (sw.layer if layer is None else _layer(layer)), (sw.beta if beta is None else beta), sw.split.train
-        else:
-            lay, b, train = _layer(layer), beta, split_known(kf.known, 5, 0).train
-        op = fit(lm, rel, layer=lay, beta=b, train=train)
-    grid = attribute_lens(lm, prompt, op, target=target)
-    out.mkdir(parents=True, exist_ok=True)
+    grid = lens(lm, prompt, relation=rel, operator=op, layer=layer_value, beta=beta, target=target, max_samples=max_samples)
     png = grid.plot(out / "lens.png")
     svg = grid.plot(out / "lens.svg")
     write_json(out / "lens.json", grid.to_dict())
     if json_out:
         emit_json({"png": str(png), "svg": str(svg), "operator": grid.operator, "last_token_top": [g[-1] for g in grid.top]})
         return
-    console.print(f"{grid.operator}: wrote {png} and {svg}")
-    console.print("top token at the last position per layer: " + " | ".join(f"{l}:{g[-1].strip()}" for l, g in zip(grid.layers, grid.top)))
+    console.print(escape(f"{grid.operator}: wrote {png} and {svg}"), soft_wrap=True)
+    console.print(escape("top token at the last position per layer: " + " | ".join(f"{l}:{g[-1].strip()}" for l, g in zip(grid.layers, grid.top))))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
-from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, err_console, load_model
+from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, load_model
 
 
 class _DefaultToPrompt(TyperGroup):
@@ -30,7 +29,7 @@ def prompt_cmd(
     answer: Optional[str] = typer.Option(None, "--answer", "-a", help="Answer to explain (default: the model's top token)."),
     contrast: Optional[str] = typer.Option(None, "--contrast", help="Contrast token for logit differences."),
     exact: bool = typer.Option(False, "--exact", help="Refuse a multi-token answer instead of using its first token."),
-    head: Optional[str] = typer.Option(None, "--head", help="LAYER.HEAD whose attention map to draw (default: the head with the largest |contribution|)."),
+    head: Optional[str] = typer.Option(None, "--head", help="LAYER.HEAD whose attention to show, drawn with --out (default: the head with the largest |contribution|)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for PNGs and JSON."),
     model: str = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -38,54 +37,32 @@ def prompt_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Logit lens and direct contributions for one prompt (PNG curve, bar chart, attention map with --out)."""
-    from factlab.mechanisms._common import MechanismError, check_head
-    from factlab.mechanisms.contributions import direct_contributions
-    from factlab.mechanisms.lens import logit_lens
+    from rich.markup import escape
+
+    from factlab.mechanisms.report import prompt_mechanisms
 
     lm = load_model(model, device, dtype, quiet=json_out)
-    if answer is None:
-        answer = lm.predict([prompt], top_k=1)[0][0].token
-    lens = logit_lens(lm, prompt, answer, exact=exact)
-    dc = direct_contributions(lm, prompt, answer, contrast=contrast, exact=exact)
-    report = {"lens": lens.to_dict(), "contributions": dc.to_dict()}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        lens.plot(out / "lens.png")
-        dc.plot(out / "contributions.png")
-        if lm.adapter.has_attention:
-            import torch
-
-            from factlab.interventions import attention
-            from factlab.mechanisms.plot import plot_attention
-
-            if head is not None:
-                try:
-                    l, h = (int(x) for x in head.split("."))
-                except ValueError:
-                    raise MechanismError(f"--head must be LAYER.HEAD, e.g. 14.3, not {head!r}") from None
-            else:
-                best = max((p for p in dc.parts if p.kind == "head"), key=lambda p: abs(p.logit))
-                l, h = best.layer, best.head
-            check_head(lm, l, h)
-            batch = lm.encode([prompt])
-            with torch.no_grad(), attention(lm, layers=[l], record=True) as rec:
-                lm.forward(batch)
-            toks = [lm.tokenizer.decode([t]) for t in batch.input_ids[0].tolist()]
-            plot_attention(out / "attention.png", rec.patterns[l][0, h].cpu().numpy(), toks, title=f"layer {l} head {h}")
-            report["attention_head"] = [l, h]
-        (out / "mechanisms.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    res = prompt_mechanisms(lm, prompt, answer=answer, contrast=contrast, exact=exact, head=head, out=out)
     if json_out:
-        emit_json(report)
+        emit_json(res.to_dict())
         return
-    console.print(f"[bold]{prompt}[/bold] -> {dc.answer.token!r}   logit {dc.logit_actual:.3f} = sum of parts {dc.logit_sum:.3f} (error {dc.error:.1e})")
+    dc, lens = res.contributions, res.lens
+    console.print(f"[bold]{escape(prompt)}[/bold] -> {escape(repr(dc.answer.token))}   logit {dc.logit_actual:.3f} = sum of parts "
+                  f"{dc.logit_sum:.3f} (error {dc.error:.1e})")
     for n in dc.notes:
-        console.print(f"note: {n}")
+        console.print(escape(f"note: {n}"))
     console.print("logit lens (answer prob by layer): " + " ".join(f"{l}:{p:.3f}" for l, p in zip(lens.layers, lens.prob)))
     console.print("largest direct contributions:")
     for p in dc.top(10):
         console.print(f"  {p.name:>12}  {p.logit:+.3f}")
+    if res.head is not None and res.attention is not None and res.tokens:
+        row = res.attention[-1]
+        top = sorted(range(len(row)), key=lambda t: -row[t])[:3]
+        console.print(escape(f"layer {res.head[0]} head {res.head[1]}: the last token attends most to "
+                             + ", ".join(f"{res.tokens[t]!r} {row[t]:.2f}" for t in top)))
     if out is not None:
-        console.print(f"wrote {out}/lens.png, contributions.png{', attention.png' if lm.adapter.has_attention else ''}, mechanisms.json")
+        console.print(escape(f"wrote {out}/lens.png, contributions.png{', attention.png' if res.head is not None else ''}, mechanisms.json"),
+                      soft_wrap=True)
 
 
 @mech.command("dataset")
@@ -101,8 +78,12 @@ def dataset_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Dataset-level measurements: lens, final-layer suppression and its carriers, argument heads, ablations."""
+    from factlab.mechanisms._common import check_out_dir
+    from factlab.mechanisms.dataset import load_cases
     from factlab.mechanisms.report import dataset_report
 
+    check_out_dir(out)
+    load_cases(name, 1)  # an unknown fact set fails before the model is loaded
     lm = load_model(model, device, dtype, quiet=json_out)
     rep = dataset_report(lm, name, limit=limit, ablate_limit=ablate_limit, batch_size=batch_size, out=out)
     if json_out:
@@ -144,11 +125,15 @@ def mitigate_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Choose a final-layer mitigation on a selection split; report held-out accuracy and perplexity."""
-    from factlab.mechanisms.dataset import load_cases
+    from factlab.io import write_json
+    from factlab.mechanisms._common import check_out_dir, staged_dir
+    from factlab.mechanisms.dataset import load_cases, split_cases
     from factlab.mechanisms.mitigation import build_mitigation, mitigate
 
-    lm = load_model(model, device, dtype, quiet=json_out)
+    check_out_dir(out)
     cases = load_cases(eval_set, limit)
+    split_cases(cases, select_fraction, seed)  # checks the fraction before the model is loaded
+    lm = load_model(model, device, dtype, quiet=json_out)
     rep, dirs = mitigate(lm, cases, select_fraction=select_fraction, seed=seed, n_windows=n_windows, batch_size=batch_size, eval_set=eval_set)
     d = rep.to_dict()
     if save is not None:
@@ -159,9 +144,9 @@ def mitigate_cmd(
             edit.restore()
         d["saved"] = str(save)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "mitigation.json").write_text(json.dumps(d, indent=2))
-        rep.plot(out / "mitigation.png")
+        with staged_dir(out) as tmp:
+            write_json(tmp / "mitigation.json", d)
+            rep.plot(tmp / "mitigation.png")
     if json_out:
         emit_json(d)
         return

@@ -13,14 +13,20 @@ Schemas:
 
 Targets are kept exactly as stored, with **no leading space**; callers that score a target as a
 continuation must add the space themselves (``" " + target_new``), as ROME does.
+
+A record may lack its paraphrase or neighbourhood prompts (missing, ``null`` or ``[]``): it loads, with an
+empty list, and :func:`records_missing_prompts` lists such records so that an evaluation can say which of its
+metrics cover fewer cases (or refuse them).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from factlab.errors import InputError
 
 from ._files import read_json, require, require_list, take
 from .errors import SchemaError
@@ -35,6 +41,8 @@ Schema = Literal["auto", "rome", "easyedit"]
 ROME_FIELDS = ("case_id", "requested_rewrite")
 ROME_REWRITE_FIELDS = ("prompt", "subject", "target_new", "target_true")
 EASYEDIT_FIELDS = ("prompt", "subject", "target_new", "ground_truth")
+#: the prompt lists the paraphrase (PS/PM) and neighbourhood (NS/NM) metrics need
+PROMPT_LISTS = ("paraphrase_prompts", "neighborhood_prompts")
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,39 @@ class CounterFactRecord:
         """All fields as a plain dict."""
         return asdict(self)
 
+    def missing_prompts(self) -> list[str]:
+        """Which of :data:`PROMPT_LISTS` this record has no prompts for (their metrics have no value for it)."""
+        return [name for name in PROMPT_LISTS if not getattr(self, name)]
+
+
+def records_missing_prompts(records: Sequence[CounterFactRecord]) -> dict[str, list[int]]:
+    """``{"paraphrase_prompts": [case ids], "neighborhood_prompts": [case ids]}``: the records without any
+    prompt of that kind, in order (both keys always present)."""
+    out: dict[str, list[int]] = {name: [] for name in PROMPT_LISTS}
+    for r in records:
+        for name in r.missing_prompts():
+            out[name].append(r.case_id)
+    return out
+
+
+def _prompt_list(r: Mapping[str, Any], key: str, where: str) -> list[str]:
+    """``r[key]`` as a list of prompt strings; missing or ``null`` is an empty list, anything else not a list
+    of strings is a :class:`SchemaError` (a bare string would otherwise become a list of its characters)."""
+    v = r.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise SchemaError(f"{where}: {key} must be a list of prompt strings, got {_json_type(v)}")
+    return list(v)
+
+
+def _json_type(v: Any) -> str:
+    """A short description of a JSON value's type, for error messages."""
+    if isinstance(v, list):
+        kinds = sorted({type(x).__name__ for x in v if not isinstance(x, str)})
+        return f"a list holding {', '.join(kinds)}"
+    return type(v).__name__
+
 
 def template_from_prompt(prompt: str, subject: str) -> str:
     """Turn a filled-in prompt into a template by replacing the subject's last occurrence with ``{}``.
@@ -158,10 +199,10 @@ def from_rome(r: Mapping[str, Any], where: str = "record") -> CounterFactRecord:
         prompt=rw["prompt"],
         target_new=rw["target_new"]["str"],
         target_true=rw["target_true"]["str"],
-        paraphrase_prompts=list(r.get("paraphrase_prompts", [])),
-        neighborhood_prompts=list(r.get("neighborhood_prompts", [])),
-        attribute_prompts=list(r.get("attribute_prompts", [])),
-        generation_prompts=list(r.get("generation_prompts", [])),
+        paraphrase_prompts=_prompt_list(r, "paraphrase_prompts", where),
+        neighborhood_prompts=_prompt_list(r, "neighborhood_prompts", where),
+        attribute_prompts=_prompt_list(r, "attribute_prompts", where),
+        generation_prompts=_prompt_list(r, "generation_prompts", where),
         relation_id=rw.get("relation_id"),
         target_new_id=rw["target_new"].get("id"),
         target_true_id=rw["target_true"].get("id"),
@@ -210,7 +251,7 @@ def load_counterfact(
             ``"multi_counterfact.json"`` (ROME's full files, downloadable).
     """
     if schema not in ("auto", "rome", "easyedit"):
-        raise ValueError(f"schema must be 'auto', 'rome' or 'easyedit', got {schema!r}")
+        raise InputError(f"schema must be 'auto', 'rome' or 'easyedit', got {schema!r}")
     src = resolve(DATASET, file, path)
     records = require_list(read_json(src), src, "CounterFact")
     records = take(records, limit)

@@ -4,7 +4,9 @@
     res = edit(lm, Request("{} is located in the city of", "The Eiffel Tower", " Rome"))
     res.restore()          # the original weights, bit for bit
     res.apply()            # edited again
-    res.save("eiffel-rome")
+    res.save("eiffel-rome")   # checksummed, with the sha256 of the weights it was made on
+    # later, on a freshly loaded model (refused if lm already carries the edit or is not its base):
+    EditResult.load("eiffel-rome", lm).apply()
 
 See ``docs/edit.md``.
 """
@@ -14,9 +16,13 @@ import sys
 from factlab.edit.api import edit, edit_sequential, resolve_hparams
 from factlab.edit.context import context_templates
 from factlab.edit.errors import (
+    AlreadyAppliedError,
+    BaseMismatchError,
     ConflictingRequestsError,
+    CorruptEditError,
     DivergenceError,
     EditError,
+    EditNotFoundError,
     EditStateError,
     InvalidRequestError,
     NonFiniteStatisticsError,
@@ -26,21 +32,26 @@ from factlab.edit.errors import (
 )
 from factlab.edit.hparams import EditHparams, all_hparams, default_hparams
 from factlab.edit.requests import Request, as_requests, find_conflicts, load_requests
-from factlab.edit.result import EditResult
+from factlab.edit.result import EditResult, SavedEdit, read_saved_edit
 from factlab.edit.stats import SecondMoment, StatsSpec, export_stats, import_stats, second_moment, second_moments
 from factlab.edit.value_cache import ValueCache
 from factlab.edit.values import Values
 
 __all__ = [
+    "AlreadyAppliedError",
+    "BaseMismatchError",
     "ConflictingRequestsError",
+    "CorruptEditError",
     "DivergenceError",
     "EditError",
     "EditHparams",
+    "EditNotFoundError",
     "EditResult",
     "EditStateError",
     "InvalidRequestError",
     "NonFiniteStatisticsError",
     "Request",
+    "SavedEdit",
     "SecondMoment",
     "SingularStatisticsError",
     "StatsMismatchError",
@@ -58,6 +69,7 @@ __all__ = [
     "find_conflicts",
     "import_stats",
     "load_requests",
+    "read_saved_edit",
     "resolve_hparams",
     "second_moment",
     "second_moments",

@@ -16,7 +16,7 @@ from factlab.edit.policy import single_layer, spread
 from factlab.edit.requests import Request, as_requests, check_conflicts
 from factlab.edit.result import EditResult, edited_value
 from factlab.edit.solvers import dense, emmet_factors, memit_factors, rome_factors
-from factlab.edit.stats import SecondMoment, second_moments
+from factlab.edit.stats import SecondMoment, check_finite, second_moments
 from factlab.edit.value_cache import ValueCache
 from factlab.edit.values import Values
 from factlab.models import LoadedModel
@@ -54,7 +54,13 @@ def resolve_hparams(
 
 
 def resolve_stats(lm: LoadedModel, projs: dict[int, Projection], hp: EditHparams, stats: StatsArg) -> dict[int, SecondMoment]:
-    """One :class:`SecondMoment` per edit layer: from ``stats`` (keyed by key site or layer) or the cache/corpus."""
+    """One :class:`SecondMoment` per edit layer: from ``stats`` (keyed by key site or layer) or the cache/corpus.
+
+    Everything is checked here, before any value optimisation: ``stats`` keys that name no edit layer, a wrong
+    dimension and NaN/inf (:class:`NonFiniteStatisticsError`; a cached file holding them raises
+    :class:`~factlab.errors.IntegrityError` naming it).
+    """
+    _check_stats_keys(projs, stats)
     out: dict[int, SecondMoment] = {}
     missing: list[int] = []
     for layer, proj in projs.items():
@@ -74,7 +80,20 @@ def resolve_stats(lm: LoadedModel, projs: dict[int, Projection], hp: EditHparams
         d_in = projs[layer].weight(lm.model).shape[1]
         if m.dim != d_in:
             raise EditError(f"statistics for layer {layer} are {m.dim}-dimensional but {projs[layer].key_site} has {d_in} dims; pass the right statistics")
+        check_finite(m, f"for layer {layer} ({projs[layer].key_site})")
     return out
+
+
+def _check_stats_keys(projs: dict[int, Projection], stats: StatsArg) -> None:
+    """Refuse ``stats`` entries that belong to no edit layer (they would be ignored and others computed silently)."""
+    if not stats:
+        return
+    wanted = {p.key_site for p in projs.values()} | set(projs)
+    stray = [k for k in stats if k not in wanted]
+    if stray:
+        shown = ", ".join(f"{p.key_site} (layer {layer})" for layer, p in projs.items())
+        raise EditError(f"statistics given for {', '.join(map(repr, stray))}, which is not an edit layer's key site; "
+                        f"this edit needs {shown}: pass statistics for those, or set layers= to match")
 
 
 def _to_param(proj: Projection, model: torch.nn.Module, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +236,7 @@ def edit(
         "values": value_info,
         "timings": timings,
         "model_id": lm.model_id,
+        "identity": lm.identity,
     }
     result = EditResult(
         lm=lm,

@@ -3,13 +3,15 @@
 As in ROME (algorithms.md §5.3): ``["{}"] + [g + ". {}" for g in samples]`` where the samples are short
 texts sampled with top-k = 5 from the model being edited, starting from its BOS/EOS token. Sampling uses a
 fixed seed, so the templates are reproducible; they are cached under ``cache_dir()/edit/context`` keyed by
-the model id, the spec and the seed (no in-process cache).
+the model's ``numerics_id`` (weights, dtype, attention implementation: sampling in bfloat16 can pick other
+tokens), the spec and the seed (no in-process cache); each file records ``lm.identity``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -52,8 +54,7 @@ def context_templates(lm: LoadedModel, spec: tuple[tuple[int, int], ...], *, see
     spec = tuple((int(a), int(b)) for a, b in spec)
     if not spec:
         return ["{}"]
-    key = hashlib.sha256(json.dumps([lm.model_id, spec, seed, "v1"]).encode()).hexdigest()[:24]
-    path = cache_dir() / "edit" / "context" / f"{key}.json"
+    path = context_cache_path(lm, spec, seed)
     if use_cache and path.exists():
         try:
             return list(json.loads(path.read_text())["templates"])
@@ -63,5 +64,12 @@ def context_templates(lm: LoadedModel, spec: tuple[tuple[int, int], ...], *, see
     for i, (length, count) in enumerate(spec):
         templates += [p + ". {}" for p in sample_prefixes(lm, length, count, seed=seed + i)]
     if use_cache:
-        write_json(path, {"model_id": lm.model_id, "spec": spec, "seed": seed, "templates": templates})
+        write_json(path, {"model_id": lm.model_id, "identity": lm.identity, "spec": spec, "seed": seed, "templates": templates})
     return templates
+
+
+def context_cache_path(lm: LoadedModel, spec: tuple[tuple[int, int], ...], seed: int = 0) -> Path:
+    """The cache file of the templates of ``spec`` sampled from ``lm`` (as loaded now) with ``seed``."""
+    spec = tuple((int(a), int(b)) for a, b in spec)
+    key = hashlib.sha256(json.dumps([lm.numerics_id, spec, seed, "v1"]).encode()).hexdigest()[:24]
+    return cache_dir() / "edit" / "context" / f"{key}.json"

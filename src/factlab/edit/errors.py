@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factlab.errors import FactlabError, NonFiniteError
+from factlab.errors import FactlabError, InputError, IntegrityError, NonFiniteError
 
 
 class EditError(FactlabError, ValueError):
@@ -35,6 +35,22 @@ class DivergenceError(EditError, NonFiniteError):
 
 class EditStateError(EditError):
     """``apply``/``restore`` would overwrite weights changed by someone else since."""
+
+
+class AlreadyAppliedError(EditStateError):
+    """A saved edit is applied to weights that already carry it (applying it again would add it twice)."""
+
+
+class BaseMismatchError(EditStateError):
+    """A saved edit is applied to weights that are not the ones it was made on."""
+
+
+class EditNotFoundError(EditError, InputError):
+    """A path given as a saved edit does not exist or is not a saved edit folder."""
+
+
+class CorruptEditError(EditError, IntegrityError):
+    """A saved edit is damaged: unreadable file, a tensor failing its sha256 checksum, or NaN/inf in a delta."""
 
 
 class StatsMismatchError(EditError):

@@ -4,8 +4,9 @@ The value optimisation is most of an edit's time, and an evaluation that compare
 batch sizes 1, 10 and 100 optimises the same value for the same fact three times: MEMIT's and EMMET's
 values are computed on the unedited model, one request at a time in effect (Adam is element-wise),
 whatever the batch. :class:`ValueCache` stores one small file per request under a content key: the
-model id (a hash of the loaded weights), the value site and layer, the context templates, every
-hyperparameter the optimisation reads, and the request itself.
+model's ``numerics_id`` (the weights' id plus the dtype and attention implementation it runs in, so a
+bfloat16 run never reads float32 values), the value site and layer, the context templates, every
+hyperparameter the optimisation reads, and the request itself. Each entry's JSON records ``lm.identity``.
 
 The key cannot see in-place edits of the weights, so a cache is only correct for a model whose weights
 are still those its ``model_id`` names. :func:`factlab.edit.edit` therefore uses it only for values
@@ -43,7 +44,7 @@ class ValueCache:
     def key(self, lm: LoadedModel, site: str, layer: int, templates: list[str], hp: EditHparams, request: Request) -> str:
         """The content key of one request's value (hex)."""
         spec = {
-            "model": lm.model_id,
+            "model": lm.numerics_id,
             "site": site,
             "layer": layer,
             "templates": list(templates),
@@ -61,12 +62,13 @@ class ValueCache:
         t = load_tensors(tens)
         return Values(v0=t["v0"], delta=t["delta"], site=info["site"], **{k: [info[k]] for k in _LISTS})
 
-    def put(self, key: str, vals: Values, i: int) -> Values:
-        """Store request ``i`` of ``vals`` under ``key`` (atomic writes); returns that request's values."""
+    def put(self, key: str, vals: Values, i: int, identity: dict[str, str | None] | None = None) -> Values:
+        """Store request ``i`` of ``vals`` under ``key`` (atomic writes; ``identity``: ``lm.identity``, recorded in
+        the JSON); returns that request's values."""
         one = _row(vals, i)
         self.root.mkdir(parents=True, exist_ok=True)
         save_tensors(self.root / f"{key}.safetensors", {"v0": one.v0.contiguous(), "delta": one.delta.contiguous()})
-        write_json(self.root / f"{key}.json", {"site": one.site, **{k: getattr(one, k)[0] for k in _LISTS}})
+        write_json(self.root / f"{key}.json", {"site": one.site, "identity": identity, **{k: getattr(one, k)[0] for k in _LISTS}})
         return one
 
 
@@ -99,7 +101,7 @@ def cached_values(
         chunk = todo[s : s + hp.v_batch]
         fresh = optimise_values(lm, [requests[i] for i in chunk], site=site, layer=layer, templates=templates, hp=hp)
         for j, i in enumerate(chunk):
-            found[i] = cache.put(keys[i], fresh, j)
+            found[i] = cache.put(keys[i], fresh, j, lm.identity)
     parts = [found[i] for i in range(len(requests))]
     return Values(
         v0=torch.cat([p.v0 for p in parts]),

@@ -23,9 +23,17 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from factlab.errors import FactlabError
 from factlab.models.loading import LoadedModel
 
 Decoding = Literal["sample_topk5", "greedy"]
+
+
+class ReferenceFilesError(FactlabError, FileNotFoundError):
+    """The ``--reference-dir`` folder lacks ROME's reference files."""
+
+    def __str__(self) -> str:  # FileNotFoundError would format (errno, strerror); keep the message
+        return str(self.args[0]) if self.args else ""
 
 _FALLBACK_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
@@ -135,7 +143,7 @@ class TfidfReference:
         folder = Path(folder)
         missing = [f for f in self.FILES if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise ReferenceFilesError(
                 f"{folder} lacks {', '.join(missing)}; the reference score needs ROME's attribute_snippets.json, "
                 "idf.npy and tfidf_vocab.json (from rome.baulab.info/data/dsets/)"
             )

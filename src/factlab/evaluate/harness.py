@@ -1,28 +1,35 @@
 """The evaluation harness: pre-edit scores (cached), edits, post-edit scores, resumable run dirs.
 
-A run directory holds ``config.json`` (the exact configuration, model id and data hash; a run dir
-from a different configuration is refused, naming the differences), ``cases.jsonl`` (one record per
-case, appended as each completes; ``cases.rank{r}.jsonl`` while several processes run), for
-sequential runs ``final.jsonl``, and ``summary.json``. Records are keyed by case id and read back
-deduplicated, so a run killed at any point resumes where it stopped with nothing lost or counted
-twice. Pre-edit scores depend only on (model, data, metric settings) and are cached under
-``cache_dir()/evaluate/pre/<key>/`` for every method and batch size.
+A run directory holds ``config.json`` (the exact configuration, the model's identity -- weights id,
+dtype and attention implementation -- and the data hash; a run dir from a different configuration or
+another dtype is refused, naming the differences), ``cases.jsonl`` (one record per case, appended as each
+completes; ``cases.rank{r}.jsonl`` while several processes run), for sequential runs ``final.jsonl``, and
+``summary.json``. Records are keyed by case id and read back deduplicated, so a run killed at any point
+resumes where it stopped with nothing lost or counted twice; while a process writes a run dir it holds
+:func:`factlab.io.run_lock` on it, so a second process started on the same dir fails at once, naming the
+holder. Pre-edit scores depend only on (model and its numerics, data, metric settings) and are cached
+under ``cache_dir()/evaluate/pre/<key>/`` for every method and batch size.
+
+Everything that can be checked without the model running is checked first: the configuration, the edit
+layers and hyperparameters, the data (CounterFact records without paraphrase or neighbourhood prompts are
+named in a warning, or refused with ``strict_records``), the run dir's identity and its lock.
 """
 
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import logging
 import os
 import socket
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from factlab.errors import InputError, RunLockedError
 from factlab.evaluate import counterfact as cf
 from factlab.evaluate import mquake as mq
 from factlab.evaluate import zsre as zs
@@ -31,7 +38,7 @@ from factlab.evaluate.fluency import GenerationConfig, TfidfReference, word_toke
 from factlab.evaluate.metrics import METRICS_VERSION
 from factlab.evaluate.mquake import MquakeConfig
 from factlab.evaluate.summary import Summary, summarise_metrics
-from factlab.io import append_jsonl, read_jsonl, write_json
+from factlab.io import append_jsonl, read_jsonl, run_lock, write_json
 from factlab.models.loading import LoadedModel
 from factlab.progress import progress_bar
 
@@ -44,8 +51,8 @@ METHODS = ("none", "rome", "memit", "emmet")
 Editor = Callable[[LoadedModel, list[dict[str, Any]], str, "list[int] | None", "dict[str, Any] | None"], Any]
 
 
-class RunConfigMismatch(ValueError):
-    """The run directory was started with a different configuration."""
+class RunConfigMismatch(InputError):
+    """The run directory was started with a different configuration (or model, dtype or data)."""
 
 
 @dataclass(frozen=True)
@@ -75,22 +82,23 @@ class EvalConfig:
     unique_subjects: bool = True
 
     def validate(self) -> None:
+        """Refuse settings that are invalid whatever the model (:class:`InputError` naming the fix)."""
         if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
+            raise InputError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+            raise InputError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise InputError("batch_size must be at least 1")
         if self.limit is not None and self.limit < 1:
-            raise ValueError("limit must be at least 1")
+            raise InputError("limit must be at least 1")
         if self.known_only and self.dataset != "counterfact":
-            raise ValueError("--known-only is defined for CounterFact (true target preferred over the new one); zsRE and MQuAKE have no such pair")
+            raise InputError("--known-only is defined for CounterFact (true target preferred over the new one); zsRE and MQuAKE have no such pair")
         if self.known_criterion not in ("prefers", "argmax"):
-            raise ValueError("known_criterion must be 'prefers' or 'argmax'")
+            raise InputError("known_criterion must be 'prefers' or 'argmax'")
         if self.zsre_convention not in ("rome", "mend"):
-            raise ValueError("zsre_convention must be 'rome' or 'mend'")
+            raise InputError("zsre_convention must be 'rome' or 'mend'")
         if self.sequential and self.method == "none":
-            raise ValueError("--sequential needs an editing method")
+            raise InputError("--sequential needs an editing method")
 
     def uses_generation(self) -> bool:
         return self.dataset == "counterfact" and self.generation is not None and self.generation.gen_prompts != 0
@@ -185,7 +193,7 @@ def load_cases(cfg: EvalConfig, records: Sequence[Any] | None = None) -> tuple[l
     seen: set[int] = set()
     for r in records:
         if r.case_id in seen:
-            raise ValueError(f"case id {r.case_id} occurs twice in the dataset; case ids must be unique")
+            raise InputError(f"case id {r.case_id} occurs twice in the dataset; case ids must be unique")
         seen.add(r.case_id)
         if cfg.dataset == "counterfact":
             reqs = [r.requested_rewrite()]
@@ -289,19 +297,36 @@ def merge_shards(run_dir: Path, stem: str = "cases") -> None:
         f.unlink()
 
 
+def run_identity(lm: LoadedModel, cfg: EvalConfig, data_sha256: str) -> dict[str, Any]:
+    """What a run dir's ``config.json`` pins: the model's :attr:`~LoadedModel.identity` (weights id, dtype,
+    attention implementation), the configuration and the data's hash."""
+    return {**lm.identity, "config": cfg.to_dict(), "data_sha256": data_sha256}
+
+
 def check_run_dir(run_dir: Path, identity: dict[str, Any]) -> None:
-    """Write ``config.json`` or refuse when it holds a different configuration (names the differences)."""
+    """Write ``config.json`` or refuse when it holds a different identity (:class:`RunConfigMismatch` naming
+    every difference, e.g. ``dtype: run dir has 'float32', this run has 'bfloat16'``, and how to resume)."""
     path = run_dir / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(identity, default=str)):
-            diffs = _diff(old, json.loads(json.dumps(identity, default=str)))
-            raise RunConfigMismatch(
-                f"{run_dir} holds a run with a different configuration ({'; '.join(diffs)}); "
-                "use another --out directory, or delete this one to start over"
-            )
+    new = json.loads(json.dumps(identity, default=str))
+    if not path.exists():
+        write_json(path, identity)
         return
-    write_json(path, identity)
+    old = json.loads(path.read_text())
+    if old == new:
+        return
+    raise RunConfigMismatch(
+        f"{run_dir} holds a run with a different configuration ({'; '.join(_diff(old, new))}); "
+        f"use another --out directory, or delete this one to start over{_resume_hint(old, new)}"
+    )
+
+
+def _resume_hint(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """How to resume a run dir whose only trouble is the model's numerics."""
+    if "dtype" not in old:
+        return " (it was written before factlab recorded the model's dtype, so it cannot be resumed safely)"
+    if old.get("dtype") != new.get("dtype"):
+        return f"; to resume it, load the model as {old['dtype']} (--dtype {old['dtype']})"
+    return ""
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -311,6 +336,74 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: run dir has {a!r}, this run has {b!r}"]
+
+
+# --------------------------------------------------------------------------- checks before any forward pass
+def check_edit_settings(lm: LoadedModel, cfg: EvalConfig, *, default_editor: bool = True) -> None:
+    """Refuse edit layers outside the model and, for the default editor, hyperparameters it would reject,
+    before anything runs (the edit would otherwise fail only after the pre-edit scoring)."""
+    n = lm.adapter.n_layers
+    bad = [layer for layer in cfg.layers or () if not 0 <= layer < n]
+    if bad:
+        raise InputError(f"edit layer(s) {', '.join(map(str, bad))} outside this model's layers 0..{n - 1}; pass --layers within that range")
+    if cfg.method != "none" and default_editor:
+        from factlab.edit.api import resolve_hparams
+
+        resolve_hparams(lm, cfg.method, cfg.hparams, cfg.layers)
+
+
+#: the metrics left without a value for a CounterFact case that lacks a kind of prompt
+_PROMPT_METRICS = {"paraphrase_prompts": "PS, PM and PS-acc", "neighborhood_prompts": "NS, NM and NS-acc"}
+
+
+def _ids(ids: list[int], most: int = 20) -> str:
+    return ", ".join(map(str, ids[:most])) + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def describe_missing_prompts(missing: dict[str, list[int]]) -> str:
+    """One line naming, per kind of prompt, the cases without any (``""`` when there are none)."""
+    return "; ".join(
+        f"{len(ids)} CounterFact case(s) have no {name} (case id {_ids(ids)}): {_PROMPT_METRICS[name]} cannot be computed for them"
+        for name, ids in missing.items() if ids
+    )
+
+
+def missing_prompts(cfg: EvalConfig, cases: Sequence[Case]) -> dict[str, list[int]]:
+    """CounterFact: ``{kind of prompt list: [case ids without any]}`` over ``cases``; ``{}`` for other datasets."""
+    if cfg.dataset != "counterfact":
+        return {}
+    from factlab.data.counterfact import records_missing_prompts
+
+    return records_missing_prompts([c.record for c in cases])
+
+
+def check_records(cfg: EvalConfig, cases: Sequence[Case], strict: bool) -> None:
+    """With ``strict``, refuse CounterFact cases that would be evaluated without paraphrase or neighbourhood
+    prompts. Without ``--known-only`` these are the first ``limit`` cases; with it every candidate is checked,
+    since which are kept is known only after scoring."""
+    if not strict:
+        return
+    candidates = cases if cfg.known_only or cfg.limit is None else cases[: cfg.limit]
+    what = describe_missing_prompts(missing_prompts(cfg, candidates))
+    if what:
+        raise InputError(f"{what}; fix the data file, or run without --strict-records (strict_records=False) to evaluate them without those metrics")
+
+
+@contextmanager
+def writer_lock(run_dir: Path, dist: DistContext) -> Iterator[None]:
+    """Hold :func:`factlab.io.run_lock` on ``run_dir`` (rank 0, for every rank) while the run writes it; when
+    another process holds it, every rank raises :class:`RunLockedError` naming the holder."""
+    with ExitStack() as stack:
+        refused = None
+        if dist.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir))
+            except RunLockedError as e:
+                refused = str(e)
+        refused = dist.broadcast(refused)
+        if refused is not None:
+            raise RunLockedError(refused)
+        yield
 
 
 # --------------------------------------------------------------------------- the run
@@ -405,6 +498,7 @@ def evaluate(
     dist: DistContext | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     reuse_values: bool = True,
+    strict_records: bool = False,
 ) -> Summary:
     """Evaluate ``method`` on a dataset and return the :class:`Summary` (also written to ``out``).
 
@@ -416,7 +510,8 @@ def evaluate(
     the model is restored at the end). ``out``: run directory (resumable); without it, a temporary
     one is used. ``editor`` replaces :func:`default_editor` (for other editors or tests). Under
     ``torchrun`` cases are split across processes and rank 0 writes the merged summary; every rank
-    returns it. The model is unchanged on return. ``reuse_values``: see :func:`run_evaluation`.
+    returns it. The model is unchanged on return. ``reuse_values``, ``strict_records`` and the errors raised
+    before any forward pass: see :func:`run_evaluation`.
     """
     records = None
     if not isinstance(dataset, str):
@@ -441,7 +536,7 @@ def evaluate(
         mquake=mquake,
     )
     return run_evaluation(lm, cfg, out=out, records=records, editor=editor, pre_cache_dir=pre_cache_dir, dist=dist, on_record=on_record,
-                          reuse_values=reuse_values)
+                          reuse_values=reuse_values, strict_records=strict_records)
 
 
 def run_evaluation(
@@ -455,20 +550,30 @@ def run_evaluation(
     dist: DistContext | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     reuse_values: bool = True,
+    strict_records: bool = False,
 ) -> Summary:
     """:func:`evaluate` with an :class:`EvalConfig`.
 
     ``reuse_values``: with the default editor and a non-sequential run, optimised values are cached under
     ``cache_dir()/edit/values`` and reused by later runs on the same facts and weights (e.g. MEMIT at
-    batch sizes 1, 10 and 100 optimise each fact's value once; see :mod:`factlab.edit.value_cache`)."""
+    batch sizes 1, 10 and 100 optimise each fact's value once; see :mod:`factlab.edit.value_cache`).
+    ``strict_records``: refuse CounterFact cases without paraphrase or neighbourhood prompts instead of
+    warning (once per run, naming the case ids) and leaving those metrics out for them.
+
+    Raises:
+        InputError: a bad setting, edit layer or hyperparameter, or (strict) an incomplete record, before any
+            forward pass; :class:`RunConfigMismatch` when ``out`` holds another run (configuration, model,
+            dtype or data); :class:`RunLockedError` when another process is writing ``out``.
+    """
     import tempfile
 
     cfg.validate()
+    check_edit_settings(lm, cfg, default_editor=editor is None)
     t0 = time.time()
     own_dist = dist is None
     dist = dist or init_distributed()
     if cfg.sequential and dist.active:
-        raise ValueError("--sequential edits depend on every earlier batch and cannot be split across processes; run it in one process")
+        raise InputError("--sequential edits depend on every earlier batch and cannot be split across processes; run it in one process")
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="factlab-eval-")
@@ -479,72 +584,100 @@ def run_evaluation(
         if cfg.reference_dir and cfg.uses_generation():
             reference = TfidfReference(cfg.reference_dir)
         cases, data_info = load_cases(cfg, records)
-        identity = {"config": cfg.to_dict(), "model_id": lm.model_id, "data_sha256": data_info["sha256"]}
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            check_run_dir(run_dir, identity)
-        dist.barrier()
-        if not dist.is_main:
-            check_run_dir(run_dir, identity)
-        key = _sha({"model_id": lm.model_id, "data_sha256": data_info["sha256"], **cfg.pre_settings()})[:24]
-        from factlab.models import cache_dir
-
-        cache = PreCache(Path(pre_cache_dir) if pre_cache_dir else cache_dir() / "evaluate" / "pre", key)
-        run = _Run(lm, cfg, dist, reference, cache, cache.load())
-        selected, known_info = _select(run, cases)
-        data_info.update(known_info)
-        if not selected:
-            raise ValueError("no cases to evaluate (check --limit / --known-only and the data file)")
-        run.fill_pre(selected, "full", "pre-edit scores")
-        editor_fn = editor or default_editor
-        if editor is None and reuse_values and not cfg.sequential:
-            editor_fn = functools.partial(default_editor, value_cache=cache_dir() / "edit" / "values")
-        batches = [selected[i : i + cfg.batch_size] for i in range(0, len(selected), cfg.batch_size)]
-        if cfg.sequential:
-            _run_sequential(run, run_dir, batches, editor_fn, on_record)
-        else:
-            _run_batches(run, run_dir, batches, editor_fn, on_record)
-        dist.barrier()
-        summary = None
-        if dist.is_main:
-            merge_shards(run_dir)
-            recs = read_records(run_dir)
-            final = read_records(run_dir, "final") if cfg.sequential else {}
-            rows = []
-            for c in selected:
-                r = dict(recs[c.case_id])
-                if c.case_id in final:
-                    r["final"] = final[c.case_id]["final"]
-                rows.append(r)
-            unavailable = {}
-            if cfg.dataset == "counterfact":
-                if not cfg.uses_generation():
-                    unavailable["fluency_ngram_entropy"] = "generation disabled (--gen-prompts 0)"
-                    unavailable["reference_tfidf_score"] = "generation disabled (--gen-prompts 0)"
-                elif reference is None:
-                    unavailable["reference_tfidf_score"] = (
-                        "needs ROME's attribute_snippets.json, idf.npy and tfidf_vocab.json (not in factlab's data); "
-                        "pass --reference-dir DIR holding them"
-                    )
-            summary = Summary(
-                dataset=cfg.dataset,
-                method=cfg.method,
-                config=cfg.to_dict(),
-                model={"name": lm.name, "model_id": lm.model_id},
-                data=data_info,
-                n_cases=len(rows),
-                metrics=summarise_metrics(rows, cfg.dataset),
-                unavailable=unavailable,
-                run={"world_size": dist.world_size, "wall_s": round(time.time() - t0, 1), "run_dir": str(run_dir)},
-            )
-            summary.to_json(run_dir / "summary.json")
-        d = dist.broadcast(summary.to_dict() if summary is not None else None)
-        return Summary.from_dict(d)
+        check_records(cfg, cases, strict_records)
+        with writer_lock(run_dir, dist):
+            return _run_locked(lm, cfg, run_dir, cases, data_info, reference, t0, editor=editor, pre_cache_dir=pre_cache_dir,
+                               dist=dist, on_record=on_record, reuse_values=reuse_values)
     finally:
         if own_dist:
             dist.close()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _run_locked(lm: LoadedModel, cfg: EvalConfig, run_dir: Path, cases: list[Case], data_info: dict[str, Any],
+                reference: TfidfReference | None, t0: float, *, editor: Editor | None,
+                pre_cache_dir: str | os.PathLike[str] | None, dist: DistContext,
+                on_record: Callable[[dict[str, Any]], None] | None, reuse_values: bool) -> Summary:
+    """The run proper, with ``run_dir`` locked: identity check, pre-edit scores, edits, records, summary."""
+    identity = run_identity(lm, cfg, data_info["sha256"])
+    if dist.is_main:
+        check_run_dir(run_dir, identity)
+    dist.barrier()
+    if not dist.is_main:
+        check_run_dir(run_dir, identity)
+    key = _sha({"model": lm.numerics_id, "data_sha256": data_info["sha256"], **cfg.pre_settings()})[:24]
+    from factlab.models import cache_dir
+
+    cache = PreCache(Path(pre_cache_dir) if pre_cache_dir else cache_dir() / "evaluate" / "pre", key)
+    run = _Run(lm, cfg, dist, reference, cache, cache.load())
+    selected, known_info = _select(run, cases)
+    data_info.update(known_info)
+    if not selected:
+        raise InputError("no cases to evaluate (check --limit / --known-only and the data file)")
+    missing = missing_prompts(cfg, selected)
+    if missing:
+        data_info["missing_prompts"] = missing
+        what = describe_missing_prompts(missing)
+        if what and dist.is_main:
+            log.warning("%s; they are null in cases.jsonl and each metric's n counts the cases it covers "
+                        "(pass --strict-records / strict_records=True to refuse such data instead)", what)
+    run.fill_pre(selected, "full", "pre-edit scores")
+    editor_fn = editor or default_editor
+    if editor is None and reuse_values and not cfg.sequential:
+        editor_fn = functools.partial(default_editor, value_cache=cache_dir() / "edit" / "values")
+    batches = [selected[i : i + cfg.batch_size] for i in range(0, len(selected), cfg.batch_size)]
+    if cfg.sequential:
+        _run_sequential(run, run_dir, batches, editor_fn, on_record)
+    else:
+        _run_batches(run, run_dir, batches, editor_fn, on_record)
+    dist.barrier()
+    summary = _summarise(run, run_dir, selected, data_info, t0) if dist.is_main else None
+    d = dist.broadcast(summary.to_dict() if summary is not None else None)
+    return Summary.from_dict(d)
+
+
+def _summarise(run: _Run, run_dir: Path, selected: list[Case], data_info: dict[str, Any], t0: float) -> Summary:
+    """Merge the shards, read every case's records back and write ``summary.json`` (rank 0)."""
+    cfg, lm, dist = run.cfg, run.lm, run.dist
+    merge_shards(run_dir)
+    recs = read_records(run_dir)
+    final = read_records(run_dir, "final") if cfg.sequential else {}
+    rows = []
+    for c in selected:
+        r = dict(recs[c.case_id])
+        if c.case_id in final:
+            r["final"] = final[c.case_id]["final"]
+        rows.append(r)
+    summary = Summary(
+        dataset=cfg.dataset,
+        method=cfg.method,
+        config=cfg.to_dict(),
+        model={"name": lm.name, **lm.identity},
+        data=data_info,
+        n_cases=len(rows),
+        metrics=summarise_metrics(rows, cfg.dataset),
+        unavailable=_unavailable(cfg, run.reference),
+        run={"world_size": dist.world_size, "wall_s": round(time.time() - t0, 1), "run_dir": str(run_dir)},
+    )
+    summary.to_json(run_dir / "summary.json")
+    return summary
+
+
+def _unavailable(cfg: EvalConfig, reference: TfidfReference | None) -> dict[str, str]:
+    """Metrics this run could not compute, with the reason."""
+    out: dict[str, str] = {}
+    if cfg.dataset != "counterfact":
+        return out
+    if not cfg.uses_generation():
+        out["fluency_ngram_entropy"] = "generation disabled (--gen-prompts 0)"
+        out["reference_tfidf_score"] = "generation disabled (--gen-prompts 0)"
+    elif reference is None:
+        out["reference_tfidf_score"] = (
+            "needs ROME's attribute_snippets.json, idf.npy and tfidf_vocab.json (not in factlab's data); "
+            "pass --reference-dir DIR holding them"
+        )
+    return out
 
 
 def _records_file(run: _Run, run_dir: Path, stem: str = "cases") -> Path:

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from factlab.errors import InputError
 from factlab.evaluate.harness import read_records
 from factlab.evaluate.metrics import METRICS
 from factlab.evaluate.summary import Summary
@@ -70,12 +71,12 @@ def plot_sequential(run_dirs: Sequence[str | Path], metrics: Sequence[str], out:
     for d in run_dirs:
         s = Summary.load(d)
         if not s.config.get("sequential"):
-            raise ValueError(f"{d} is not a sequential run; plot it with --x batch-size")
+            raise InputError(f"{d} is not a sequential run; plot it with --x batch-size")
         recs = sorted(read_records(Path(d)).values(), key=lambda r: r["case_id"])
         for ax, name in zip(axes, metrics):
             by_batch: dict[int, list[float]] = defaultdict(list)
             for r in recs:
-                if name in r["post"]:
+                if r["post"].get(name) is not None:  # null: the case has no value for it (e.g. no paraphrase prompts)
                     by_batch[r["edits_applied"]].append(r["post"][name])
             xs = sorted(by_batch)
             scale = METRICS[name].scale if name in METRICS else 1.0

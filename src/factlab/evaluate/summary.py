@@ -1,17 +1,25 @@
-"""The result of an evaluation run: per-metric means with 95% confidence intervals, config and hashes."""
+"""The result of an evaluation run: per-metric means with 95% confidence intervals, config and hashes.
+
+Intervals respect each metric's range (see :mod:`factlab.evaluate.metrics`): Wilson for success rates, a
+Student-t interval clipped to the range for other means, a case bootstrap for composites. Each estimate's
+``n`` counts the cases that have the metric (a case without paraphrase prompts has no PS), and estimates
+over fewer than :data:`factlab.confidence.SMALL_N` cases are marked ``small_n`` (``*`` in the table).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from factlab.confidence import Estimate, mean_ci
-from factlab.evaluate.metrics import METRICS, metrics_for
+from factlab.confidence import SMALL_N, Estimate, bounded_mean_ci, proportion_ci
+from factlab.errors import InputError
+from factlab.evaluate.metrics import METRICS, Metric, metrics_for
 
 #: composite scores: name -> the three components (ROME/MEMIT harmonic mean)
 COMPOSITES = {
@@ -40,11 +48,25 @@ def composite_estimate(columns: list[np.ndarray], scale: float, seed: int = 0) -
         return Estimate(point * scale, point * scale, point * scale, n)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample of cases that all lack a metric: NaN, left out below
         means = np.stack([np.nanmean(c[idx], axis=1) for c in columns], axis=1)
     boots = [hmean(row) for row in means]
     lo, hi = np.nanpercentile(boots, [2.5, 97.5])
     return Estimate(point * scale, float(lo) * scale, float(hi) * scale, n)
+
+
+def metric_estimate(metric: Metric, values: Sequence[float | None]) -> Estimate:
+    """The mean of one (non-composite) metric's per-case values with its range-respecting 95% interval, on the
+    papers' scale (x ``metric.scale``); missing values (``None``/NaN) are left out of the mean and of ``n``."""
+    v = np.asarray([math.nan if x is None else x for x in values], dtype=np.float64)
+    e = proportion_ci(v) if metric.interval == "wilson" else bounded_mean_ci(v, *metric.bounds)
+    return e.scaled(metric.scale)
+
+
+def _column(rows: list[dict[str, Any]], name: str) -> np.ndarray:
+    """One metric's per-case values (NaN where a case lacks it or stored ``null``)."""
+    return np.array([math.nan if row.get(name) is None else row[name] for row in rows], dtype=np.float64)
 
 
 def summarise_metrics(records: list[dict[str, Any]], dataset: str) -> dict[str, dict[str, Estimate]]:
@@ -60,13 +82,10 @@ def summarise_metrics(records: list[dict[str, Any]], dataset: str) -> dict[str, 
             if m.name in COMPOSITES:
                 parts = COMPOSITES[m.name]
                 if all(any(p in row for row in rows) for p in parts):
-                    cols = [np.array([row.get(p, math.nan) for row in rows], dtype=np.float64) for p in parts]
-                    ph[m.name] = composite_estimate(cols, m.scale)
+                    ph[m.name] = composite_estimate([_column(rows, p) for p in parts], m.scale)
                 continue
-            vals = [row[m.name] for row in rows if m.name in row]
-            if vals:
-                e = mean_ci(vals)
-                ph[m.name] = Estimate(e.mean * m.scale, e.low * m.scale, e.high * m.scale, e.n, e.level)
+            if any(m.name in row for row in rows):
+                ph[m.name] = metric_estimate(m, list(_column(rows, m.name)))
         out[phase] = ph
     return out
 
@@ -124,10 +143,27 @@ class Summary:
 
     @classmethod
     def load(cls, path: str | Path) -> "Summary":
+        """Read a run folder's ``summary.json`` (``path``: the folder or the file).
+
+        Raises:
+            InputError: there is no such folder or file, the run has not finished, or the file is not a summary.
+        """
         p = Path(path)
         if p.is_dir():
+            if not (p / "summary.json").is_file():
+                unfinished = (p / "config.json").is_file()
+                raise InputError(
+                    f"{p} has no summary.json: "
+                    + ("the run has not finished; rerun the same `factlab eval` command to resume it" if unfinished
+                       else "it is not a `factlab eval` run folder")
+                )
             p = p / "summary.json"
-        return cls.from_dict(json.loads(p.read_text()))
+        elif not p.is_file():
+            raise InputError(f"{p} does not exist; give a `factlab eval` run folder (--out) or its summary.json")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{p} is not a factlab evaluation summary ({type(e).__name__}: {e})") from None
 
     def table(self):
         """A rich table: one row per metric, columns pre / post (/ final), mean [95% CI] on the x100 scale."""
@@ -135,11 +171,15 @@ class Summary:
 
         phases = [p for p in PHASES if p in self.metrics]
         cfg = self.config
+        dtype = self.model.get("dtype")
         title = (
-            f"{self.dataset} · {self.model.get('name')} · method={self.method} · batch={cfg.get('batch_size')}"
-            f"{' · sequential' if cfg.get('sequential') else ''} · n={self.n_cases}"
+            f"{self.dataset} · {self.model.get('name')}{f' ({dtype})' if dtype else ''} · method={self.method} · "
+            f"batch={cfg.get('batch_size')}{' · sequential' if cfg.get('sequential') else ''} · n={self.n_cases}"
         )
-        t = Table(title=title)
+        t = Table(title=title, caption=(
+            "mean [95% CI], x100: Wilson for success rates, Student t clipped to the range for other means, "
+            f"case bootstrap for the harmonic-mean scores; n=k: the metric covers k cases; *: fewer than {SMALL_N} cases, too few for the "
+            "interval to mean much"))
         t.add_column("metric")
         t.add_column("abbr")
         for p in phases:
@@ -151,9 +191,16 @@ class Summary:
             cells = []
             for p in phases:
                 e = self.metrics[p].get(m.name)
-                cells.append("—" if e is None or math.isnan(e.mean) else f"{e.mean:.1f} [{e.low:.1f}, {e.high:.1f}]")
+                cells.append(self._cell(e))
             t.add_row(m.name, m.abbrev, *cells)
         return t
+
+    def _cell(self, e: Estimate | None) -> str:
+        """``mean [low, high]``, then ``n=k`` when the metric covers fewer cases than the run and ``*`` for small n."""
+        if e is None or math.isnan(e.mean):
+            return "—"
+        cover = f" n={e.n}" if e.n != self.n_cases else ""
+        return f"{e.mean:.1f} [{e.low:.1f}, {e.high:.1f}]{cover}{'*' if e.small_n else ''}"
 
 
 def metric_names() -> list[str]:

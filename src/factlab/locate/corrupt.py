@@ -32,8 +32,9 @@ _MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*x\s*$", re.IGNORECASE)
 def embedding_std(lm: LoadedModel, subjects: Sequence[str] | None = None, *, cache: bool | str | Path = True) -> float:
     """Standard deviation of the ``embed`` site over the tokens of ``subjects`` (default: known_1000's).
 
-    The value is cached on disk per model and subject list (``<factlab cache>/noise/``, or the folder
-    given as ``cache``; ``cache=False`` disables the cache).
+    The value is cached on disk per model *as loaded* (``lm.numerics_id``: weights, dtype, attention
+    implementation) and subject list (``<factlab cache>/noise/``, or the folder given as ``cache``;
+    ``cache=False`` disables the cache); each file records ``lm.identity``.
     """
     if subjects is None:
         from factlab.data import load_known
@@ -42,12 +43,12 @@ def embedding_std(lm: LoadedModel, subjects: Sequence[str] | None = None, *, cac
     subjects = [s for s in subjects if s and s.strip()]
     if not subjects:
         raise TraceInputError("embedding_std needs at least one non-empty subject")
-    digest = hashlib.sha256("\n".join(subjects).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([lm.numerics_id, *subjects]).encode()).hexdigest()[:16]
     path = None
     if cache is not False:
         folder = Path(cache) if isinstance(cache, (str, Path)) else cache_dir() / "noise"
-        safe = re.sub(r"[^A-Za-z0-9._@-]+", "_", lm.model_id)[:120]
-        path = folder / f"{safe}-{digest}.json"
+        safe = re.sub(r"[^A-Za-z0-9._@-]+", "_", lm.model_id)[:100]
+        path = folder / f"{safe}-{lm.dtype_name}-{digest}.json"
         if path.exists():
             try:
                 return float(json.loads(path.read_text())["std"])
@@ -60,7 +61,8 @@ def embedding_std(lm: LoadedModel, subjects: Sequence[str] | None = None, *, cac
         values = emb(flat.unsqueeze(0)).float()
     std = float(values.std())
     if path is not None:
-        write_json(path, {"std": std, "model_id": lm.model_id, "n_subjects": len(subjects), "n_tokens": int(flat.numel())})
+        write_json(path, {"std": std, "model_id": lm.model_id, "identity": lm.identity, "n_subjects": len(subjects),
+                          "n_tokens": int(flat.numel())})
     return std
 
 

@@ -12,13 +12,16 @@ kind the indirect effect ``IE = score - low`` is averaged over the tokens of eac
 
 Runs are resumable: with ``out_dir`` every fact's traces (or the fact that it was skipped) are appended to
 ``traces.jsonl`` as soon as they are done, and a rerun skips every fact already there. ``config.json``
-pins the settings; a rerun with other settings is refused instead of mixing them.
+pins the settings and the model's identity (weights id, dtype, attention implementation); a rerun with other
+settings or another dtype is refused, naming the differences, instead of mixing them. While a process writes
+``out_dir`` it holds :func:`factlab.io.run_lock` on it, so a second process fails at once naming the holder.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from factlab.confidence import mean_ci
-from factlab.io import append_jsonl, read_jsonl, write_json
+from factlab.io import append_jsonl, read_jsonl, run_lock, write_json
 from factlab.locate._common import TraceInputError, check_kind
 from factlab.locate.corrupt import NoiseSpec, noise_level
 from factlab.locate.trace import trace_kinds
@@ -98,6 +101,7 @@ class DatasetTrace:
     corruption: str = "noise"
     out_dir: str | None = None
     method: str = "exact"
+    identity: dict[str, Any] = field(default_factory=dict)  #: the model's identity (id, dtype, attention)
 
     def peak(self, kind: str) -> dict[str, Any]:
         """The token class and layer with the largest AIE for ``kind``."""
@@ -156,6 +160,10 @@ def trace_dataset(
     the run is resumable (see the module docstring) and the averages are also written to
     ``out_dir/aie.json``.
     """
+    if method not in ("exact", "attribution"):
+        raise TraceInputError(f"method must be 'exact' or 'attribution', not {method!r}")
+    if corruption not in ("noise", "swap"):
+        raise TraceInputError(f"corruption must be 'noise' or 'swap', not {corruption!r}")
     if records is None:
         from factlab.data import load_known
 
@@ -166,26 +174,39 @@ def trace_dataset(
         check_kind(lm, k)
     level = noise_level(lm, noise) if corruption == "noise" else None
     config = {
-        "model_id": lm.model_id, "kinds": kinds, "samples": samples, "noise_level": level, "window": window,
+        **lm.identity, "kinds": kinds, "samples": samples, "noise_level": level, "window": window,
         "seed": seed, "corruption": corruption, "only_known": only_known, "method": method,
     }
-    log = None
-    done: dict[str, dict] = {}
-    if out_dir is not None:
-        out = Path(out_dir)
-        cfg_path, log = out / "config.json", out / "traces.jsonl"
-        if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
-            old.setdefault("only_known", True)
-            old.setdefault("method", "exact")
-            if old != config:
-                raise TraceInputError(
-                    f"{out} holds a run with other settings ({old}); use another --out folder or the same settings"
-                )
-        else:
-            write_json(cfg_path, config)
-        for line in _repair_log(log):
-            done[line["id"]] = line
+    with ExitStack() as stack:
+        log, done = None, {}
+        if out_dir is not None:
+            stack.enter_context(run_lock(out_dir))
+            log, done = _open_run(Path(out_dir), config)
+        results = _trace_all(lm, records, done, log, kinds, samples, level, window, seed, corruption, only_known, method, max_known)
+        return aggregate(results, kinds, model=lm.name, window=window, samples=samples, noise_level=level,
+                         corruption=corruption, out_dir=out_dir, n_layers=lm.adapter.n_layers, method=method, identity=lm.identity)
+
+
+def _open_run(out: Path, config: dict[str, Any]) -> tuple[Path, dict[str, dict]]:
+    """Pin ``config`` in ``out/config.json`` (refusing another one, naming the differences) and return the log
+    path and the facts already traced there."""
+    cfg_path, log = out / "config.json", out / "traces.jsonl"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        old.setdefault("only_known", True)
+        old.setdefault("method", "exact")
+        new = json.loads(json.dumps(config))
+        if old != new:
+            diffs = [f"{k}: run has {old.get(k)!r}, this call {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            hint = f"; to resume it load the model as {old['dtype']} (--dtype {old['dtype']})" if old.get("dtype", new["dtype"]) != new["dtype"] else ""
+            raise TraceInputError(f"{out} holds a run with other settings ({'; '.join(diffs)}); use another --out folder or the same settings{hint}")
+    else:
+        write_json(cfg_path, config)
+    return log, {line["id"]: line for line in _repair_log(log)}
+
+
+def _trace_all(lm, records, done, log, kinds, samples, level, window, seed, corruption, only_known, method, max_known) -> list[dict]:
+    """Trace every record not in ``done`` (appending each line to ``log``); every record's line, in order."""
     rng = random.Random(seed)
     n_known = sum(1 for d in done.values() if d.get("known"))
     results: list[dict] = []
@@ -206,8 +227,7 @@ def trace_dataset(
             results.append(line)
             bar.update(1)
             bar.set_postfix(known=n_known)
-    return aggregate(results, kinds, model=lm.name, window=window, samples=samples, noise_level=level,
-                     corruption=corruption, out_dir=out_dir, n_layers=lm.adapter.n_layers, method=method)
+    return results
 
 
 def _trace_one(lm, rec, rid, kinds, samples, level, window, seed, corruption, swap, only_known, method) -> dict:
@@ -242,7 +262,7 @@ def _repair_log(log: Path) -> list[dict]:
 
 def aggregate(lines: list[dict], kinds: Sequence[str], *, model: str, window: int, samples: int,
               noise_level: float | None, corruption: str, out_dir: str | Path | None, n_layers: int,
-              method: str = "exact") -> DatasetTrace:
+              method: str = "exact", identity: dict[str, Any] | None = None) -> DatasetTrace:
     """Average per-fact traces (the lines of ``traces.jsonl``) into a :class:`DatasetTrace`."""
     kept = [d for d in lines if d.get("known")]
     if not kept:
@@ -272,7 +292,7 @@ def aggregate(lines: list[dict], kinds: Sequence[str], *, model: str, window: in
         mean_low=float(np.mean([d["traces"][first]["low"] for d in kept])),
         mean_high=float(np.mean([d["traces"][first]["high"] for d in kept])),
         window=window, samples=samples, noise_level=noise_level, corruption=corruption,
-        out_dir=str(out_dir) if out_dir is not None else None, method=method,
+        out_dir=str(out_dir) if out_dir is not None else None, method=method, identity=dict(identity or {}),
     )
     if out_dir is not None:
         write_json(Path(out_dir) / "aie.json", json.loads(res.to_json()))

@@ -43,6 +43,19 @@ class TraceResult:
     def n_layers(self) -> int:
         return int(self.scores.shape[1])
 
+    def __repr__(self) -> str:
+        """One line (a notebook cell ending in a result never prints every score): kind, prompt, subject, the
+        scores' shape and where they peak."""
+        try:
+            pk = self.peak()
+            top = f"peak={pk['score']:.4g} at token {pk['token_index']} {pk['token']!r}, layer {pk['layer']}"
+        except ValueError:  # all-NaN scores have no peak
+            top = "peak=none"
+        prompt = self.prompt if len(self.prompt) <= 60 else self.prompt[:57] + "..."
+        return (f"TraceResult(kind={self.kind!r}, method={self.method!r}, prompt={prompt!r}, subject={self.subject!r}, "
+                f"target={self.target!r}, scores={tuple(self.scores.shape)} tokens x layers, low={self.low:.4g}, "
+                f"high={self.high:.4g}, {top})")
+
     @property
     def indirect_effects(self) -> np.ndarray:
         """``scores - low`` (tokens x layers)."""

@@ -119,6 +119,8 @@ def trace_kinds(
         raise TraceInputError(f"window must be at least 1 layer, not {window}")
     if setup is None:
         setup = prepare(lm, prompt, subject, **kwargs)
+    if method not in ("exact", "attribution"):
+        raise TraceInputError(f"method must be 'exact' or 'attribution', not {method!r}")
     if method == "attribution":
         return {k: trace(lm, prompt, subject, kind=k, window=window, method=method, setup=setup) for k in kinds}
     return _exact(setup, kinds, window)

@@ -11,7 +11,7 @@ attribute lens. Everything goes through the architecture adapters (transformers 
 from factlab.lre.evaluate import EvalSettings, RelationResult, evaluate_relation, evaluate_relations, table_markdown
 from factlab.lre.fit import fit, identity, learned_linear, query_prompt, translation
 from factlab.lre.jacobian import Jacobians, jacobian, jacobian_reference
-from factlab.lre.lens import LensGrid, attribute_lens
+from factlab.lre.lens import LensGrid, attribute_lens, lens, lens_operator
 from factlab.lre.metrics import Causality, Faithfulness, causality, edit_pairs, faithfulness, insert_subject
 from factlab.lre.operator import LRE, low_rank, low_rank_pinv
 from factlab.lre.prompts import (
@@ -31,7 +31,7 @@ __all__ = [
     "LRE", "Causality", "EvalSettings", "Faithfulness", "Jacobians", "KnownFilter", "LensGrid", "RelationResult",
     "SweepResult", "TooFewKnownError", "attribute_lens", "causality", "compute_states", "edit_pairs",
     "evaluate_relation", "evaluate_relations", "faithfulness", "filter_known", "fit", "icl_prompt", "identity",
-    "insert_subject", "is_nontrivial_prefix", "jacobian", "jacobian_reference", "learned_linear", "low_rank",
+    "insert_subject", "is_nontrivial_prefix", "jacobian", "jacobian_reference", "learned_linear", "lens", "lens_operator", "low_rank",
     "low_rank_pinv", "paper_split", "recall_at_k", "require_known", "split_known", "sweep", "table_markdown",
     "query_prompt", "translation",
 ]

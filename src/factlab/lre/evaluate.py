@@ -2,19 +2,24 @@
 held-out known samples with baselines, over several trials (seeds), with 95% CIs over trials.
 
 ``evaluate_relations`` appends one JSON line per finished relation to ``OUT/results.jsonl`` and skips
-relations already there, so an interrupted run resumes where it stopped.
+relations already there, so an interrupted run resumes where it stopped. ``OUT/settings.json`` pins the
+settings, seed and the model's identity (weights id, dtype, attention implementation): a folder written with
+others is refused, naming the differences, instead of mixing rows. While a process writes ``OUT`` it holds
+:func:`factlab.io.run_lock` on it, so a second process fails at once naming the holder.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from factlab.confidence import mean_ci, proportion_ci
+from factlab.confidence import SMALL_N, bounded_mean_ci, proportion_ci
 from factlab.data.lre import Relation, Sample
-from factlab.io import append_jsonl, read_jsonl, write_json
+from factlab.errors import InputError
+from factlab.io import append_jsonl, read_jsonl, run_lock, write_json
 from factlab.lre.fit import fit, identity, learned_linear, translation
 from factlab.lre.metrics import causality, decode_topk, edit_pairs, faithfulness, insert_subject, score_predictions
 from factlab.lre.prompts import KnownFilter, filter_known, icl_prompt, resolve_prefix
@@ -115,11 +120,11 @@ def _trial(lm: LoadedModel, relation: Relation, known: Sequence[Sample], seed: i
 
 
 def summarise(per_trial: Sequence[float], per_sample: Sequence[bool]) -> dict:
-    """Mean with a 95% CI: over trials (Student t) when there are at least two, else over the test samples
-    (Wilson); ``over`` says which, and ``samples`` always holds the pooled per-sample estimate."""
+    """Mean with a 95% CI: over trials (Student t, clipped to [0, 1]) when there are at least two, else over
+    the test samples (Wilson); ``over`` says which, and ``samples`` always holds the pooled per-sample estimate."""
     pooled = proportion_ci(per_sample).to_dict()
     if len(per_trial) >= 2:
-        return {**mean_ci(per_trial).to_dict(), "over": "trials", "samples": pooled}
+        return {**bounded_mean_ci(per_trial, 0.0, 1.0).to_dict(), "over": "trials", "samples": pooled}
     return {**pooled, "mean": float(per_trial[0]) if per_trial else pooled["mean"], "over": "samples", "samples": pooled}
 
 
@@ -157,8 +162,29 @@ def evaluate_relations(
     ``table.md`` and returns all rows (earlier ones included)."""
     s = settings or EvalSettings()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "settings.json", {"model": lm.name, "model_id": lm.model_id, "seed": seed, **s.to_dict()})
+    with run_lock(out):
+        _pin_settings(out, {"model": lm.name, **lm.identity, "seed": seed, **s.to_dict()})
+        return _evaluate_missing(lm, relations, out, s, seed, on_result)
+
+
+def _pin_settings(out: Path, settings: dict) -> None:
+    """Write ``out/settings.json``, or refuse a folder whose results were made with other settings or another
+    model/dtype (the display name ``model`` may differ)."""
+    path = out / "settings.json"
+    new = json.loads(json.dumps(settings))
+    if path.exists() and (out / "results.jsonl").exists():
+        old = json.loads(path.read_text())
+        keys = sorted((set(old) | set(new)) - {"model"})
+        diffs = [f"{k}: folder has {old.get(k)!r}, this run {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+        if diffs:
+            raise InputError(f"{out} holds LRE results made with other settings ({'; '.join(diffs)}); "
+                             "use another --out folder, or the same model, dtype and settings to resume it")
+    write_json(path, settings)
+
+
+def _evaluate_missing(lm: LoadedModel, relations: Sequence[Relation], out: Path, s: EvalSettings, seed: int,
+                      on_result: Callable[[RelationResult], None] | None) -> list[RelationResult]:
+    """Evaluate the relations not yet in ``out/results.jsonl`` (appending each), then write the tables."""
     done = {r["relation"]: RelationResult.from_dict(r) for r in read_jsonl(out / "results.jsonl")}
     rows = []
     for rel in relations:
@@ -198,10 +224,14 @@ def table_markdown(rows: Sequence[RelationResult]) -> str:
         cells = [r.relation, r.category, r.known_cell(), lay, beta, el, rk]
         cells += [_fmt(r.faithfulness.get(m)) for m in FAITH_METHODS] + [_fmt(r.causality.get(m)) for m in CAUSAL_METHODS]
         lines.append("| " + " | ".join(cells) + " |")
-    overs = {e.get("over", "trials") for r in rows if r.status == "ok" for e in (*r.faithfulness.values(), *r.causality.values())}
-    note = {"trials": "95% CIs over trials (Student t).", "samples": "95% CIs over test samples (Wilson; one trial)."}
+    ests = [e for r in rows if r.status == "ok" for e in (*r.faithfulness.values(), *r.causality.values())]
+    overs = {e.get("over", "trials") for e in ests}
+    note = {"trials": "95% CIs over trials (Student t, clipped to [0, 1]).", "samples": "95% CIs over test samples (Wilson; one trial)."}
     lines.append("")
     lines += [note[o] for o in sorted(overs)]
+    small = sorted({e["n"] for e in ests if 0 < e.get("n", 0) < SMALL_N})
+    if small:
+        lines.append(f"Intervals over {', '.join(map(str, small))} value(s) (fewer than {SMALL_N}) are a rough indication only.")
     return "\n".join(lines) + "\n"
 
 

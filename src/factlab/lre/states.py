@@ -15,7 +15,7 @@ import torch
 from factlab.errors import SiteError
 from factlab.interventions import capture
 from factlab.models.loading import LoadedModel
-from factlab.prompts import encode, subject_span
+from factlab.prompts import subject_span
 
 Layer = Union[int, Literal["emb"]]
 

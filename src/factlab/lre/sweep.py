@@ -5,7 +5,8 @@ fit on, chosen by the paper's round-robin split), *validation* and *test*. The s
 candidate layer on *train* and scores it on *validation* only: β and the faithfulness layer by
 recall@1 (ties broken by the mean probability of the object's first token), the edit layer and the
 pseudo-inverse rank by causality efficacy (ties broken by the target's mean probability). The test
-samples are never seen. Results are cached as JSON per (model, relation, seed, settings).
+samples are never seen. Results are cached as JSON per (model as loaded: ``lm.numerics_id``, relation, seed,
+settings) and record ``lm.identity``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class SweepResult:
     edit_layer: Layer = 0
     rank: int = 0
     extra: dict = field(default_factory=dict)
+    #: ``lm.identity`` of the model swept (model id, dtype, attention implementation)
+    identity: dict = field(default_factory=dict)
     #: the operators fitted per layer during this sweep (β = 1), kept in memory only so that callers fitting
     #: the same layer on the same training split reuse them; empty when the result was read from the cache.
     operators: dict = field(default_factory=dict, repr=False, compare=False)
@@ -117,6 +120,7 @@ class SweepResult:
             "edit_layer": self.edit_layer,
             "rank": self.rank,
             "extra": self.extra,
+            "identity": self.identity,
         }
 
     @classmethod
@@ -124,7 +128,7 @@ class SweepResult:
         sp = d["split"]
         split = Split(*[[Sample(s["subject"], s["object"]) for s in sp[k]] for k in ("train", "val", "test")])
         keys = ("relation", "model_id", "seed", "layers", "betas", "ranks", "faith", "faith_prob", "edit", "edit_prob", "layer", "beta", "edit_layer", "rank", "extra")
-        return cls(split=split, **{k: d[k] for k in keys})
+        return cls(split=split, identity=d.get("identity", {}), **{k: d[k] for k in keys})
 
     def plot(self, path: str | Path) -> Path:
         """Validation recall@1 (best β) and efficacy (best rank) per layer."""
@@ -159,7 +163,7 @@ def _first_token_prob(lm: LoadedModel, logits: torch.Tensor, prompts: Sequence[s
 
 def cache_key(lm: LoadedModel, relation: Relation, known: Sequence[Sample], **settings) -> str:
     payload = json.dumps(
-        {"model": lm.model_id, "relation": relation.name, "template": relation.prompt_templates[0], "known": [s.to_dict() for s in known], **settings},
+        {"model": lm.numerics_id, "relation": relation.name, "template": relation.prompt_templates[0], "known": [s.to_dict() for s in known], **settings},
         sort_keys=True,
         default=str,
     )
@@ -169,7 +173,7 @@ def cache_key(lm: LoadedModel, relation: Relation, known: Sequence[Sample], **se
 def sweep_cache_path(lm: LoadedModel, relation: Relation, seed: int, key: str) -> Path:
     from factlab.models import cache_dir
 
-    safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.model_id)
+    safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.numerics_id)
     safe_rel = "".join(c if c.isalnum() or c in "-_." else "_" for c in relation.name)
     return cache_dir() / "lre" / "sweeps" / safe_model / f"{safe_rel}-seed{seed}-{key}.json"
 
@@ -228,7 +232,7 @@ def sweep(
     res = SweepResult(
         relation.name, lm.model_id, seed, split, layers, betas, ranks, faith, faith_p, edit, edit_p,
         layer=best_f[3], beta=best_f[4], edit_layer=best_e[3], rank=best_e[4], extra={"n_val": len(val), "n_pairs": len(pairs)},
-        operators=operators,
+        operators=operators, identity=lm.identity,
     )
     if use_cache:
         write_json(path, res.to_dict())

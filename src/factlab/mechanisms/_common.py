@@ -11,8 +11,15 @@ attribution of each part is approximate only in the sense that the scale itself 
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +47,14 @@ def require_heads(lm: LoadedModel, what: str = "this measurement") -> None:
             f"{what} needs attention heads, and the {lm.adapter.family} family has none (its layers are "
             "state-space mixers); use the per-layer mixer contributions and the logit lens instead"
         )
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    """``"LAYER.HEAD"`` (e.g. ``"14.3"``) as ``(layer, head)``; :class:`MechanismError` for any other form."""
+    parts = str(text).strip().split(".")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise MechanismError(f"a head is written LAYER.HEAD, e.g. 14.3, not {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def check_head(lm: LoadedModel, layer: int, head: int) -> None:
@@ -116,6 +131,9 @@ class FrozenNorm:
     weight: torch.Tensor
     bias: torch.Tensor
     center: bool
+
+    def __repr__(self) -> str:
+        return short_repr(self, scale=self.scale, weight=self.weight, center=self.center)
 
     def linear(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The linear part applied to ``x`` ``(..., d)`` (or ``(..., C, d)`` with ``scale`` ``(..., 1, 1)``)."""
@@ -200,3 +218,51 @@ def decode_rank(lm: LoadedModel, vectors: torch.Tensor, token_ids: torch.Tensor,
     chosen = logits.gather(1, ids)  # (N, K)
     ranks = (logits[:, None, :] > chosen[:, :, None]).sum(-1)  # (N, K)
     return ranks.min(-1).values
+
+
+# --------------------------------------------------------------------------- results and files
+def _brief(value: Any) -> str:
+    """A short description of one field for a repr: shapes of arrays, lengths of long lists, cut strings."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"<{type(value).__name__} {tuple(value.shape)}>"
+    if isinstance(value, (list, tuple, dict)) and len(value) > 6:
+        return f"<{len(value)} {'items' if isinstance(value, dict) else 'entries'}>"
+    if isinstance(value, str) and len(value) > 80:
+        return repr(value[:77] + "...")
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return repr(value)
+
+
+def short_repr(obj: object, **fields: Any) -> str:
+    """``Name(field=value, ...)`` with every value summarised (a notebook cell ending in a result prints a
+    line, never every array or every part)."""
+    return f"{type(obj).__name__}(" + ", ".join(f"{k}={_brief(v)}" for k, v in fields.items()) + ")"
+
+
+def check_out_dir(out: str | os.PathLike[str] | None) -> Path | None:
+    """``out`` as a Path when it is usable as an output folder (absent or a folder), else a clear error."""
+    if out is None:
+        return None
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise MechanismError(f"{p} is a file, not a folder; give --out a folder (new or existing)")
+    return p
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh folder next to ``out`` to write a set of files into: on success they all move into ``out``
+    (created if needed), on an exception the folder is removed and ``out`` is left exactly as it was.
+    Every file of a run therefore appears together or not at all."""
+    final = check_out_dir(out)
+    assert final is not None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        final.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, final / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

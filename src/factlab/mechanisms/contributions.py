@@ -24,11 +24,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from factlab.interventions import run_and_capture
-from factlab.mechanisms._common import AnswerToken, FrozenNorm, answer_token, check_head, freeze_norm, token_id_of, unembed
+from factlab.mechanisms._common import AnswerToken, FrozenNorm, answer_token, check_head, freeze_norm, short_repr, token_id_of, unembed
 from factlab.models.loading import LoadedModel
 
 
@@ -50,6 +49,9 @@ class Decomposition:
     resid: torch.Tensor
     final: FrozenNorm
     softcap: float | None = None
+
+    def __repr__(self) -> str:
+        return short_repr(self, parts=len(self.names), vectors=self.vectors, resid=self.resid, softcap=self.softcap)
 
     @property
     def residual_error(self) -> torch.Tensor:
@@ -218,6 +220,11 @@ class DirectContributions:
     softcap: float | None = None
     model: str = ""
     notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        top = self.top(1)
+        return short_repr(self, prompt=self.prompt, answer=self.answer.token, logit=self.logit_actual, error=self.error,
+                          parts=self.parts, top=top[0].name if top else None)
 
     @property
     def logit_sum(self) -> float:

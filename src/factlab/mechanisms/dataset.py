@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from factlab.interventions import attention, capture
-from factlab.mechanisms._common import answer_token, freeze_norm, unembed
+from factlab.mechanisms._common import MechanismError, answer_token, freeze_norm, short_repr, unembed
 from factlab.mechanisms.contributions import decompose_captured, decomposition_sites
 from factlab.mechanisms.lens import layer_labels, lens_from_logits
 from factlab.models.loading import LoadedModel
@@ -77,14 +77,14 @@ def load_cases(name: str, limit: int | None = None) -> list[FactCase]:
     elif name.startswith("lre:"):
         cases = relation_cases(name[4:].split(","))
     else:
-        raise ValueError(f"unknown fact set {name!r}; use known_1000, lre, or lre:<relation>[,<relation>]")
+        raise MechanismError(f"unknown fact set {name!r}; use known_1000, lre, or lre:<relation>[,<relation>]")
     return cases[:limit] if limit else cases
 
 
 def split_cases(cases: Sequence[FactCase], select_fraction: float = 0.4, seed: int = 0) -> tuple[list[FactCase], list[FactCase]]:
     """Shuffle with ``random.Random(seed)`` and split into (selection, held-out)."""
     if not 0 < select_fraction < 1:
-        raise ValueError("select_fraction must be strictly between 0 and 1")
+        raise MechanismError(f"the selection fraction must be strictly between 0 and 1, not {select_fraction!r}")
     order = list(range(len(cases)))
     random.Random(seed).shuffle(order)
     k = max(1, int(round(select_fraction * len(cases))))
@@ -141,16 +141,23 @@ class FactStats:
         "attn_subject", "attn_first", "subject_z", "final_heads", "final_mlp", "final_attn",
     )
 
+    def __repr__(self) -> str:
+        return short_repr(self, model=self.model, n=self.n, layers=len(self.layers), parts=len(self.names),
+                          skipped=len(self.skipped), max_sum_error=self.max_sum_error)
+
     def save(self, directory: str | Path) -> Path:
+        """Write ``fact_stats.npz`` (arrays) and ``fact_stats.json`` (the rest) into ``directory``, each atomically."""
+        from factlab.io import atomic_path, write_json
+
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(d / "fact_stats.npz", **{k: getattr(self, k) for k in self._ARRAYS})
+        with atomic_path(d / "fact_stats.npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **{k: getattr(self, k) for k in self._ARRAYS})
         meta = {
             "model": self.model, "layers": self.layers, "names": self.names, "kinds": self.kinds,
             "part_layers": self.part_layers, "part_heads": self.part_heads, "max_sum_error": self.max_sum_error,
             "cases": [c.to_dict() for c in self.cases], "skipped": self.skipped,
         }
-        (d / "fact_stats.json").write_text(json.dumps(meta, ensure_ascii=False))
+        write_json(d / "fact_stats.json", meta, indent=None)
         return d
 
     @classmethod
@@ -209,7 +216,8 @@ def collect(lm: LoadedModel, cases: Sequence[FactCase], *, batch_size: int = 16)
             continue
         good.append((c, tid.token_id, span, tid.n_tokens))  # type: ignore[arg-type]
     if not good:
-        raise ValueError("no usable case: every subject was missing from its prompt or every answer empty")
+        reasons = "; ".join(f"{x['prompt']!r}: {x['reason']}" for x in skipped[:3])
+        raise MechanismError(f"no usable case among {len(skipped)}: every subject was missing from its prompt or every answer empty ({reasons})")
     Wp, mrow, cov = _subject_cov(lm)
     W, _ = unembed(lm)
     sites = decomposition_sites(lm)

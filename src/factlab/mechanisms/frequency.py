@@ -32,6 +32,11 @@ class UnigramCounts:
     corpus_id: str
     tokenizer_key: str
 
+    def __repr__(self) -> str:
+        from factlab.mechanisms._common import short_repr
+
+        return short_repr(self, corpus_id=self.corpus_id, vocab=int(self.counts.size), total=self.total)
+
     @property
     def total(self) -> int:
         return int(self.counts.sum())

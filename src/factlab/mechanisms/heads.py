@@ -19,9 +19,9 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from factlab.confidence import Estimate, mean_ci
+from factlab.confidence import Estimate, bounded_mean_ci, mean_ci
 from factlab.interventions import capture, patch
-from factlab.mechanisms._common import MechanismError, answer_token, check_head, require_heads
+from factlab.mechanisms._common import MechanismError, answer_token, check_head, require_heads, short_repr
 from factlab.mechanisms.dataset import FactCase, FactStats
 from factlab.models.loading import LoadedModel
 
@@ -78,8 +78,11 @@ class AblationResult:
     control_heads: list[Head] = field(default_factory=list)
     control_after: np.ndarray | None = None
 
+    def __repr__(self) -> str:
+        return short_repr(self, heads=self.heads, mode=self.mode, n=int(self.prob_before.size), change=self.effect().mean)
+
     def effect(self) -> Estimate:
-        return mean_ci(self.prob_after - self.prob_before)
+        return bounded_mean_ci(self.prob_after - self.prob_before, -1.0, 1.0)
 
     def relative(self) -> Estimate:
         return mean_ci((self.prob_after - self.prob_before) / np.maximum(self.prob_before, 1e-12))
@@ -90,8 +93,8 @@ class AblationResult:
             "mode": self.mode,
             "mode_meaning": "zero: head output (before o_proj) set to 0 at the last token; mean: set to its mean over the evaluated prompts' last tokens",
             "n": int(self.prob_before.size),
-            "prob_before": mean_ci(self.prob_before).to_dict(),
-            "prob_after": mean_ci(self.prob_after).to_dict(),
+            "prob_before": bounded_mean_ci(self.prob_before, 0.0, 1.0).to_dict(),
+            "prob_after": bounded_mean_ci(self.prob_after, 0.0, 1.0).to_dict(),
             "change": self.effect().to_dict(),
         }
         if self.control_after is not None:

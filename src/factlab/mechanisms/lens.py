@@ -9,15 +9,15 @@ equals the model's own logits (tested).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from factlab.confidence import Estimate, mean_ci
+from factlab.confidence import Estimate, bounded_mean_ci, proportion_ci
 from factlab.interventions import run_and_capture
-from factlab.mechanisms._common import AnswerToken, answer_token
+from factlab.mechanisms._common import AnswerToken, answer_token, short_repr
 from factlab.models.loading import LoadedModel
 
 
@@ -51,6 +51,10 @@ class LensResult:
     logit: list[float]
     top_tokens: list[str]
     model: str = ""
+
+    def __repr__(self) -> str:
+        return short_repr(self, prompt=self.prompt, answer=self.answer.token, layers=self.layers, peak_layer=self.peak_layer,
+                          final_prob=self.prob[-1] if self.prob else None)
 
     @property
     def peak_layer(self) -> str:
@@ -115,11 +119,14 @@ class DatasetLens:
     rank: np.ndarray
     model: str = ""
 
+    def __repr__(self) -> str:
+        return short_repr(self, model=self.model, n=int(self.prob.shape[0]), layers=self.layers, prob=self.prob)
+
     def mean_prob(self) -> list[Estimate]:
-        return [mean_ci(self.prob[:, j]) for j in range(self.prob.shape[1])]
+        return [bounded_mean_ci(self.prob[:, j], 0.0, 1.0) for j in range(self.prob.shape[1])]
 
     def top1_rate(self) -> list[Estimate]:
-        return [mean_ci((self.rank[:, j] == 0).astype(float)) for j in range(self.rank.shape[1])]
+        return [proportion_ci((self.rank[:, j] == 0).astype(float)) for j in range(self.rank.shape[1])]
 
     def to_dict(self) -> dict[str, object]:
         return {

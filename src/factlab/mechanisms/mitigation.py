@@ -29,9 +29,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from factlab.confidence import Estimate, mean_ci
+from factlab.confidence import Estimate, bounded_mean_ci, mean_ci, proportion_ci
 from factlab.interventions import capture, resume_from, run_and_capture
-from factlab.mechanisms._common import MechanismError, answer_token, freeze_norm
+from factlab.mechanisms._common import MechanismError, answer_token, freeze_norm, short_repr
 from factlab.mechanisms.dataset import FactCase, split_cases
 from factlab.models.loading import LoadedModel
 from factlab.progress import progress
@@ -254,6 +254,10 @@ class MitigationReport:
     eval_set: str
     notes: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        return short_repr(self, model=self.model, chosen=self.chosen.name, n_heldout=self.n_heldout,
+                          accuracy_change=self.accuracy_change.mean, perplexity=(round(self.perplexity_before, 3), round(self.perplexity_after, 3)))
+
     def to_dict(self) -> dict[str, object]:
         return {
             "model": self.model,
@@ -379,11 +383,11 @@ def mitigate(
         selection=rows,
         n_selection=len(sel),
         n_heldout=len(held),
-        accuracy_before=mean_ci(before_c),
-        accuracy_after=mean_ci(after_c),
-        accuracy_change=mean_ci(after_c - before_c),
-        prob_before=mean_ci(before_p),
-        prob_after=mean_ci(after_p),
+        accuracy_before=proportion_ci(before_c),
+        accuracy_after=proportion_ci(after_c),
+        accuracy_change=bounded_mean_ci(after_c - before_c, -1.0, 1.0),
+        prob_before=bounded_mean_ci(before_p, 0.0, 1.0),
+        prob_after=bounded_mean_ci(after_p, 0.0, 1.0),
         perplexity_before=math.exp(e0.mean),
         perplexity_after=math.exp(e1.mean),
         perplexity_before_ci=(math.exp(e0.low), math.exp(e0.high)),

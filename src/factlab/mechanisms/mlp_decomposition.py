@@ -23,7 +23,6 @@ a family without one (Mamba has no MLP) raises a clear error.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,7 +31,7 @@ import torch
 from torch.func import functional_call
 
 from factlab.confidence import mean_ci
-from factlab.mechanisms._common import MechanismError, answer_token, decode_rank, freeze_norm
+from factlab.mechanisms._common import MechanismError, answer_token, decode_rank, freeze_norm, short_repr
 from factlab.mechanisms.contributions import decompose
 from factlab.models.adapters.base import MlpModules
 from factlab.models.loading import LoadedModel
@@ -65,6 +64,9 @@ class MlpDecomposition:
     parts: torch.Tensor
     const: torch.Tensor
     actual: torch.Tensor
+
+    def __repr__(self) -> str:
+        return short_repr(self, layer=self.layer, parts=self.names, inputs=self.inputs, error=self.error)
 
     @property
     def error(self) -> float:

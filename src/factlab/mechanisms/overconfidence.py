@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from factlab.confidence import Estimate, mean_ci
+from factlab.confidence import Estimate, bounded_mean_ci, mean_ci, proportion_ci
 from factlab.mechanisms.dataset import FactStats
+from factlab.mechanisms._common import short_repr
 from factlab.mechanisms.frequency import FrequencyCorrelation, UnigramCounts, frequency_correlation
 from factlab.models.loading import LoadedModel
 
@@ -62,6 +63,10 @@ class OverconfidenceReport:
     first_position_heads_dla: Estimate | None
     first_vs_dla_correlation: float | None
     notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return short_repr(self, model=self.model, n=self.n, final_layer_prob_change=self.final_layer_prob_change.mean,
+                          suppressed_fraction=self.suppressed_fraction.mean, heads=len(self.heads))
 
     def to_dict(self) -> dict[str, object]:
         e = lambda x: None if x is None else x.to_dict()  # noqa: E731
@@ -118,10 +123,10 @@ def suppression_on(lm: LoadedModel, stats: FactStats, mask: np.ndarray) -> dict[
     dlac = stats.dla_centered[m]
     return {
         "n": int(m.sum()),
-        "final_layer_prob_change": mean_ci(dp).to_dict(),
-        "suppressed_fraction": mean_ci((dp < 0).astype(float)).to_dict(),
-        "prob_before_final": mean_ci(p[:, -2]).to_dict(),
-        "prob_after_final": mean_ci(p[:, -1]).to_dict(),
+        "final_layer_prob_change": bounded_mean_ci(dp, -1.0, 1.0).to_dict(),
+        "suppressed_fraction": proportion_ci((dp < 0).astype(float)).to_dict(),
+        "prob_before_final": bounded_mean_ci(p[:, -2], 0.0, 1.0).to_dict(),
+        "prob_after_final": bounded_mean_ci(p[:, -1], 0.0, 1.0).to_dict(),
         "attn_dla_centered": mean_ci(dlac[:, attn_idx].sum(1)).to_dict() if len(attn_idx) else None,
         "mlp_dla_centered": mean_ci(dlac[:, mlp_idx].sum(1)).to_dict(),
     }
@@ -190,11 +195,11 @@ def overconfidence(
     return OverconfidenceReport(
         model=lm.name,
         n=stats.n,
-        final_layer_prob_change=mean_ci(dp),
-        suppressed_fraction=mean_ci((dp < 0).astype(float)),
+        final_layer_prob_change=bounded_mean_ci(dp, -1.0, 1.0),
+        suppressed_fraction=proportion_ci((dp < 0).astype(float)),
         final_layer_logit_change=mean_ci(logit_lens_change),
-        prob_before_final=mean_ci(p[:, -2]),
-        prob_after_final=mean_ci(p[:, -1]),
+        prob_before_final=bounded_mean_ci(p[:, -2], 0.0, 1.0),
+        prob_after_final=bounded_mean_ci(p[:, -1], 0.0, 1.0),
         attn_dla=mean_ci(dlac[:, attn_idx].sum(1)) if len(attn_idx) else mean_ci([]),
         mlp_dla=mean_ci(mlp_dla),
         heads=head_rows,

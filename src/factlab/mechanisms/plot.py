@@ -17,6 +17,21 @@ def _plt():
     return plt
 
 
+def _save(fig, path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically (format from the suffix, PNG by default) and close it."""
+    from factlab.io import atomic_path
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path
+
+
 def plot_lens(path, layers: Sequence[str], series: dict[str, Sequence[float]], *, title: str = "", ranks=None, bands=None) -> Path:
     """Curves over layers (``series``), optional CI ``bands`` and a rank curve on a second axis."""
     plt = _plt()
@@ -38,9 +53,7 @@ def plot_lens(path, layers: Sequence[str], series: dict[str, Sequence[float]], *
     ax.legend(loc="upper left")
     ax.set_title(title[:100])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_contributions(path, result, k: int = 25) -> Path:
@@ -52,9 +65,7 @@ def plot_contributions(path, result, k: int = 25) -> Path:
     ax.set_xlabel(f"direct contribution to logit of {result.answer.token!r}")
     ax.set_title(f"{result.prompt!r}"[:90])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_attention(path, pattern: np.ndarray, tokens: Sequence[str], *, title: str = "") -> Path:
@@ -68,9 +79,7 @@ def plot_attention(path, pattern: np.ndarray, tokens: Sequence[str], *, title: s
     ax.set_yticklabels(tokens, fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_overconfidence(path, report) -> Path:
@@ -87,9 +96,7 @@ def plot_overconfidence(path, report) -> Path:
     ax.set_title(f"final layer, {report.n} facts")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_mitigation(path, report) -> Path:
@@ -101,6 +108,4 @@ def plot_mitigation(path, report) -> Path:
     ax.set_xlabel("selection top-1 accuracy")
     ax.set_title(f"chosen: {report.chosen.name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

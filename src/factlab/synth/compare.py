@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from factlab.confidence import mean_ci
+from factlab.confidence import bounded_mean_ci
 from factlab.data import load_counterfact, load_known
 from factlab.io import write_json
 
@@ -151,9 +151,9 @@ def compare(
             trace_peaks=peaks,
             profiles=profiles,
             n_edits=len(eff),
-            efficacy=mean_ci(eff).to_dict(),
-            paraphrase=mean_ci(para).to_dict(),
-            neighborhood=mean_ci(neigh).to_dict(),
+            efficacy=bounded_mean_ci(eff, 0.0, 1.0).to_dict(),
+            paraphrase=bounded_mean_ci(para, 0.0, 1.0).to_dict(),
+            neighborhood=bounded_mean_ci(neigh, 0.0, 1.0).to_dict(),
             edit_layer=layer,
         )
     out.mkdir(parents=True, exist_ok=True)
