@@ -11,7 +11,6 @@ from typing import Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
-from factlab.errors import Interrupted  # noqa: F401  (re-exported: raised after this module's signals)
 
 T = TypeVar("T")
 

@@ -147,3 +147,29 @@ def test_hmean_and_answer_matching():
     assert not answer_matches(" Arabica coffee", ["Arabic"])
     assert answer_matches("\n Arabic", ["Arabic"]) and not answer_matches(" English\nArabic", ["Arabic"])
     assert answer_matches(" en", ["English", "en"])
+
+
+def test_generative_metrics_in_summaries_with_wilson_intervals(tiny_models):
+    """The gen_* metrics reach every batch summary beside ES/PS/NS, named apart, with Wilson intervals."""
+    from factlab.confidence import proportion_ci
+    from factlab.evaluate.metrics import METRICS
+
+    lm = tiny_models["llama"]
+    for dataset, recs, names in (
+        ("counterfact", cf_records(), ("gen_efficacy", "gen_paraphrase", "gen_neighborhood", "gen_efficacy_old", "gen_paraphrase_old")),
+        ("zsre", zsre_records(), ("gen_accuracy", "gen_paraphrase_accuracy", "gen_specificity_accuracy")),
+    ):
+        per_case = [(cf.evaluate_record(lm, r, generation=None) if dataset == "counterfact" else zs.evaluate_record(lm, r))["metrics"] for r in recs]
+        s = evaluate(lm, (dataset, recs), generation=None, pre_cache_dir=None, out=None)
+        for k in names:
+            assert METRICS[k].dataset == dataset and METRICS[k].interval == "wilson" and METRICS[k].abbrev.startswith("G-")
+            want = proportion_ci([c[k] for c in per_case]).scaled(100)
+            got = s.get(k, "pre")
+            assert (got.mean, got.low, got.high, got.n) == pytest.approx((want.mean, want.low, want.high, want.n)), k
+        assert k in s.to_dict()["definitions"]
+        from rich.console import Console
+
+        console = Console(width=400, record=True)
+        console.print(s.table())
+        text = console.export_text()
+        assert all(k in text for k in names) and ("efficacy_score" in text or "rewrite_token_accuracy" in text)

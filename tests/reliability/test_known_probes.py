@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from factlab import interventions as iv
 from factlab.edit import Request, edit

@@ -25,7 +25,7 @@ EXIT_INTERRUPTED = 130
 EXIT_USER_ERROR = 2
 INTERRUPTED_MESSAGE = (
     "interrupted. Re-run the same command to resume: commands that keep a run folder or cache (eval, "
-    "trace-dataset, lre eval, stats) continue where they stopped; the others start again"
+    "trace-dataset, lre eval, stats, edit stream) continue where they stopped; the others start again"
 )
 
 

@@ -8,11 +8,49 @@ from typing import Any, List, Optional
 
 import typer
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, err_console, load_model
 from factlab.errors import InputError, NonFiniteError
 
-edit_app = typer.Typer(help="Rewrite facts in a model's weights (ROME, MEMIT, EMMET).", no_args_is_help=False)
+
+def registered_methods_help(command: Any, *, none: bool = False) -> None:
+    """Append the registered solvers' names to the help of ``command``'s ``--method`` option. Called when the help
+    is shown (the registry imports torch, which ``factlab --help`` must not)."""
+    from factlab.edit.registry import solver_names
+
+    names = ", ".join((("none",) if none else ()) + solver_names())
+    for p in command.params:
+        if p.name == "method" and p.help and "One of:" not in p.help:
+            p.help = f"{p.help} One of: {names}."
+
+
+class MethodHelpCommand(TyperCommand):
+    """A command whose ``--method`` help lists the registered solvers (read when the help is shown)."""
+
+    with_none = False
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        registered_methods_help(self, none=self.with_none)
+        super().format_help(ctx, formatter)
+
+
+class EvalMethodHelpCommand(MethodHelpCommand):
+    """As :class:`MethodHelpCommand`, ``none`` (no edit) listed first."""
+
+    with_none = True
+
+
+class MethodHelpGroup(TyperGroup):
+    """A group (``factlab edit``) whose own ``--method`` help lists the registered solvers."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        registered_methods_help(self)
+        super().format_help(ctx, formatter)
+
+
+edit_app = typer.Typer(cls=MethodHelpGroup, help="Rewrite facts in a model's weights (ROME, MEMIT, EMMET, AlphaEdit, ... or a "
+                       "registered solver); run edit streams.", no_args_is_help=False)
 
 
 def _hparams(text: Optional[str]) -> dict[str, Any] | None:
@@ -68,7 +106,7 @@ def edit_cmd(
     subject: Optional[str] = typer.Option(None, "--subject", help="The subject, e.g. 'The Eiffel Tower'."),
     target: Optional[str] = typer.Option(None, "--target", help="The new target, e.g. ' Rome'."),
     requests: Optional[Path] = typer.Option(None, "--requests", help="JSON or JSONL file of requests (CounterFact requested_rewrite shape)."),
-    method: str = typer.Option("rome", "--method", help="rome, memit or emmet."),
+    method: str = typer.Option("rome", "--method", help="Editing method (a registered solver)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Edit layers, e.g. 4,5 (default: the model's table entry)."),
     hparams: Optional[str] = typer.Option(None, "--hparams", help="JSON object (or file) of hyperparameters to change."),
     projection: Optional[str] = typer.Option(None, "--projection", help="Linear map to rewrite (Mamba: out_proj, in_proj.ssm, in_proj.gate)."),
@@ -163,6 +201,121 @@ def apply_cmd(
         emit_json({"edit": res.to_dict(), "out": str(out)})
     else:
         console.print(f"wrote the edited model ({res.method}, {len(res.deltas)} parameter(s)) to {out}")
+
+
+def _stream_requests(requests: Optional[Path], counterfact: bool, limit: Optional[int], data: Optional[str]) -> list | None:
+    """The stream's requests: from ``--requests FILE`` or ``--counterfact`` (its ``requested_rewrite``s, file order,
+    first ``--limit``), or None when neither is given (only ``--rollback-to``)."""
+    if requests is not None and counterfact:
+        raise InputError("give --requests FILE or --counterfact, not both")
+    if limit is not None and not counterfact:
+        raise InputError("--limit applies to --counterfact; cut a --requests file yourself")
+    if requests is not None:
+        from factlab.edit import load_requests
+
+        return load_requests(requests)
+    if counterfact:
+        from factlab.data import load_counterfact
+        from factlab.edit import Request
+
+        return [Request.from_dict(r.requested_rewrite()) for r in load_counterfact(data, limit=limit)]
+    return None
+
+
+def _batch_row(n: int, res: Any, edited: int, resumed: bool) -> dict[str, Any]:
+    """One line of the stream table: batch number, edits, Frobenius norm of the batch's delta, seconds (new batches)."""
+    norms = res.delta_norms()
+    secs = res.metadata.get("timings", {}).get("total")
+    return {"batch": n, "edits": edited, "delta_norm": sum(v * v for v in norms.values()) ** 0.5,
+            "seconds": None if resumed else secs, "status": "resumed" if resumed else "new"}
+
+
+def _efficacy(lm: Any, requests: list) -> float:
+    """Percent of ``requests`` whose new target is the teacher-forced top-1 (every token) after their prompt."""
+    from factlab.evaluate.scoring import score_continuations
+
+    scores = score_continuations(lm, [(r.filled, r.target_new) for r in requests])
+    return 100.0 * sum(s.all_correct for s in scores) / len(scores)
+
+
+def _stream_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    t = Table(title=title)
+    checked = any("efficacy" in r for r in rows)
+    for c in ("batch", "edits", "delta norm", "time (s)", "status", *(("efficacy so far (%)",) if checked else ())):
+        t.add_column(c)
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        eff = ("" if r.get("efficacy") is None else f"{r['efficacy']:.1f}",) if checked else ()
+        t.add_row(str(r["batch"]), str(r["edits"]), f"{r['delta_norm']:.4g}", secs, r["status"], *eff)
+    return t
+
+
+@edit_app.command("stream", cls=MethodHelpCommand)
+def stream_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="The stream's run folder (created, or resumed: committed batches are re-applied)."),
+    requests: Optional[Path] = typer.Option(None, "--requests", help="JSON or JSONL file of requests, edited in file order."),
+    counterfact: bool = typer.Option(False, "--counterfact", help="Edit CounterFact's requested rewrites in file order."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="With --counterfact: the first N records."),
+    data: Optional[str] = typer.Option(None, "--data", help="CounterFact file or folder (default: $FACTLAB_DATA, cache, download)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Editing method (a registered solver; default: memit, or the saved one)."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Requests per batch (one edit each)."),
+    rollback_to: Optional[int] = typer.Option(None, "--rollback-to", min=0, help="First roll the stream back to its first N batches (0: none)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Edit layers, e.g. 4,5 (default: the model's table entry, or the saved ones)."),
+    hparams: Optional[str] = typer.Option(None, "--hparams", help="JSON object (or file) of hyperparameters to change."),
+    projection: Optional[str] = typer.Option(None, "--projection", help="Linear map to rewrite (Mamba: out_proj, in_proj.ssm, in_proj.gate)."),
+    on_known: Optional[str] = typer.Option(None, "--on-known", help="A target the model already predicts: skip (default), error or edit."),
+    checkpoint_every: int = typer.Option(1, "--checkpoint-every", min=0, help="Save the key history every K batches (0: recompute on resume)."),
+    check_every: int = typer.Option(0, "--check-every", min=0, help="Every K new batches (and after the last), score efficacy: "
+                                    "the teacher-forced top-1 of the new target on every prompt edited so far (0: never)."),
+    model: str = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Run or resume an edit stream: batches edited one after another on one model, earlier keys passed to
+    history-using methods (memit_history, alphaedit), every batch committed to --out. A killed run resumes with the
+    same command (no batch lost or applied twice); --rollback-to N drops the batches after N, bit for bit.
+    --check-every K scores efficacy on new batches only (a resumed batch is re-applied with the later ones)."""
+    from factlab.edit.stream import EditStream
+    from factlab.progress import progress_bar
+
+    reqs = _stream_requests(requests, counterfact, limit, data)
+    if reqs is None and rollback_to is None:
+        raise InputError("give --requests FILE or --counterfact (or only --rollback-to N to roll an existing stream back)")
+    if reqs is not None and not reqs:
+        raise InputError("no requests to edit: the file (or --limit) gives none")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is an existing file; give a folder path")
+    if reqs is None and not (out / "config.json").is_file():
+        raise InputError(f"--out {out} holds no edit stream to roll back; give the folder of an earlier `factlab edit stream`")
+    edit_layers, edit_hparams = _layers(layers), _hparams(hparams)
+    batches = [reqs[i : i + batch_size] for i in range(0, len(reqs), batch_size)] if reqs else []
+    lm = load_model(model, device, dtype, quiet=json_out)
+    rows: list[dict[str, Any]] = []
+    with EditStream(lm, out, method=method, layers=edit_layers, hparams=edit_hparams, projection=projection,
+                    on_known=on_known, checkpoint_every=checkpoint_every) as stream:
+        resumed = len(stream)
+        if rollback_to is not None:
+            if rollback_to > len(stream):
+                raise InputError(f"--rollback-to {rollback_to}: the stream in {out} has {len(stream)} batch(es); give 0..{len(stream)}")
+            stream.rollback(to=rollback_to)
+            resumed = rollback_to
+        with progress_bar(desc=f"edit stream ({stream.config['method']})", total=len(batches), unit="batch") as bar:
+            for n, res in enumerate(stream.iter_add(batches), 1):
+                rows.append(_batch_row(n, res, stream.to_dict()["log"][n - 1]["edited"], resumed=n <= resumed))
+                if check_every and n > resumed and (n % check_every == 0 or n == len(batches)):
+                    rows[-1]["efficacy"] = _efficacy(lm, [r for b in batches[:n] for r in b])  # on the weights after batch n
+                bar.update(1)
+        info = stream.to_dict()
+    info.pop("config")
+    if json_out:
+        emit_json({"stream": info, "batches": rows, "rolled_back_to": rollback_to})
+        return
+    if rollback_to is not None:
+        console.print(f"rolled back to batch {rollback_to}")
+    if rows:
+        console.print(_stream_table(f"{info['method']} stream of {lm.name} at layer(s) {info['layers']}", rows))
+    console.print(f"{info['batches']} batch(es), {info['edits']} edit(s) in {out}")
 
 
 DEMO = [

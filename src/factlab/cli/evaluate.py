@@ -10,13 +10,14 @@ from typing import Iterator, List, Optional
 import typer
 
 from factlab.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit_json, load_model
+from factlab.cli.edit import EvalMethodHelpCommand
 from factlab.errors import FactlabError, InputError
 
 eval_app = typer.Typer(help="Score edits on CounterFact, zsRE or MQuAKE exactly as the papers do.", no_args_is_help=True)
 
-MethodOpt = typer.Option("none", "--method", help="none, rome, memit or emmet.")
+MethodOpt = typer.Option("none", "--method", help="Editing method: none (no edit) or a registered solver.")
 BatchOpt = typer.Option(1, "--batch-size", "-b", min=1, help="Edits applied together (one solve).")
-SeqOpt = typer.Option(False, "--sequential", help="Keep every batch's edit (no restore); adds a final pass over all cases.")
+SeqOpt = typer.Option(False, "--sequential", help="Keep every batch's edit (an edit stream under --out/stream: earlier keys reach history-using methods); adds a final pass over all cases.")
 LimitOpt = typer.Option(None, "--limit", "-n", min=1, help="Evaluate the first N cases (N kept cases with --known-only).")
 OutOpt = typer.Option(None, "--out", "-o", help="Run directory (resumable; refuses a different configuration).")
 DataOpt = typer.Option(None, "--data", help="Dataset file or folder (default: $FACTLAB_DATA, cache, download).")
@@ -65,6 +66,15 @@ def _parse_hparams(s: Optional[str]) -> Optional[dict]:
     return d
 
 
+def _check_method(method: str) -> None:
+    """Refuse an unknown ``--method`` before the model is loaded, listing ``none`` and the registered solvers."""
+    from factlab.evaluate.harness import method_names
+
+    names = method_names()
+    if method not in names:
+        raise InputError(f"--method {method!r} is not a registered method; choose one of {', '.join(names)}")
+
+
 def _run(dataset: str, model: str, device: Optional[str], dtype: Optional[str], json_out: bool,
          layers: Optional[str], hparams: Optional[str], **kw) -> None:
     """Parse, load, evaluate, print. User mistakes (any :class:`FactlabError`) end in one ``error:`` line, exit 2."""
@@ -73,6 +83,7 @@ def _run(dataset: str, model: str, device: Optional[str], dtype: Optional[str], 
 
     with _user_errors():
         kw.update(layers=_parse_layers(layers), hparams=_parse_hparams(hparams))  # before loading anything
+        _check_method(kw["method"])
         dist = init_distributed()
         try:
             if device is None and dist.active:
@@ -111,7 +122,7 @@ def _gen(gen_prompts: Optional[int], max_length: int, decoding: str, seed: int, 
     return GenerationConfig(gen_prompts=gen_prompts, max_length=max_length, decoding=decoding, seed=seed, every=every)  # type: ignore[arg-type]
 
 
-@eval_app.command("counterfact")
+@eval_app.command("counterfact", cls=EvalMethodHelpCommand)
 def counterfact(
     model: str = ModelOpt,
     method: str = MethodOpt,
@@ -132,22 +143,23 @@ def counterfact(
     reference_dir: Optional[str] = typer.Option(None, "--reference-dir", help="Folder with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json."),
     layers: Optional[str] = LayersOpt,
     hparams: Optional[str] = HparamsOpt,
+    no_generative: bool = typer.Option(False, "--no-generative", help="Skip the generative gen_* metrics (greedy decoding, ~1.1x the teacher-forced scoring)."),
     strict_records: bool = typer.Option(False, "--strict-records", help="Refuse cases without paraphrase or neighbourhood prompts (default: warn, naming them, and leave those metrics out for them)."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """CounterFact: ES/EM, PS/PM, NS/NM, S, fluency (GE) and reference score (RS)."""
+    """CounterFact: ES/EM, PS/PM, NS/NM, S, fluency (GE), reference score (RS) and the generative G-ES/G-PS/G-NS."""
     _run(
         "counterfact", model, device, dtype, json_out, layers, hparams,
         method=method, batch_size=batch_size, sequential=sequential, limit=limit, known_only=known_only,
         known_criterion=known_criterion, out=out, data_path=data, data_file=file, schema=schema,
         generation=_gen(gen_prompts, gen_length, decoding, seed, gen_every), reference_dir=reference_dir,
-        strict_records=strict_records,
+        strict_records=strict_records, generative=not no_generative,
     )  # fmt: skip
 
 
-@eval_app.command("zsre")
+@eval_app.command("zsre", cls=EvalMethodHelpCommand)
 def zsre(
     model: str = ModelOpt,
     method: str = MethodOpt,
@@ -158,21 +170,22 @@ def zsre(
     data: Optional[str] = DataOpt,
     file: Optional[str] = FileOpt,
     convention: str = typer.Option("rome", "--convention", help="rome: edit to answers[0] (ROME/MEMIT tables); mend: edit to alt."),
+    no_generative: bool = typer.Option(False, "--no-generative", help="Skip the generative gen_* metrics (greedy decoding, ~1.1x the teacher-forced scoring)."),
     layers: Optional[str] = LayersOpt,
     hparams: Optional[str] = HparamsOpt,
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """zsRE: teacher-forced token accuracy (efficacy, paraphrase, specificity) and their harmonic mean."""
+    """zsRE: teacher-forced token accuracy (efficacy, paraphrase, specificity), their harmonic mean, and the generative gen_* accuracies."""
     _run(
         "zsre", model, device, dtype, json_out, layers, hparams,
         method=method, batch_size=batch_size, sequential=sequential, limit=limit, out=out, data_path=data,
-        data_file=file, zsre_convention=convention,
+        data_file=file, zsre_convention=convention, generative=not no_generative,
     )  # fmt: skip
 
 
-@eval_app.command("mquake")
+@eval_app.command("mquake", cls=EvalMethodHelpCommand)
 def mquake(
     model: str = ModelOpt,
     method: str = MethodOpt,

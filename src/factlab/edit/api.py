@@ -11,11 +11,11 @@ import torch
 
 from factlab.edit.context import context_templates
 from factlab.edit.errors import EditError, TargetAlreadyKnownError
-from factlab.edit.hparams import METHODS, EditHparams, default_hparams
-from factlab.edit.policy import single_layer, spread
+from factlab.edit.hparams import EditHparams, default_hparams
+from factlab.edit.registry import PolicyRun, SolveInput, get_method
 from factlab.edit.requests import Request, as_requests, check_conflicts
 from factlab.edit.result import EditResult, edited_value
-from factlab.edit.solvers import dense, emmet_factors, memit_factors, rome_factors
+from factlab.edit.solvers import dense
 from factlab.edit.stats import SecondMoment, check_finite, second_moments
 from factlab.edit.value_cache import ValueCache
 from factlab.edit.values import Values
@@ -24,21 +24,28 @@ from factlab.models.adapters.base import Projection
 
 OnKnown = Literal["error", "skip", "edit"]
 StatsArg = Mapping[Any, "SecondMoment | torch.Tensor"] | None
+HistoryArg = Mapping[str, torch.Tensor] | None
 
 
 def resolve_hparams(
     lm: LoadedModel, method: str, hparams: EditHparams | Mapping[str, Any] | None = None, layers: Iterable[int] | None = None,
-    projection: str | None = None,
+    projection: str | None = None, *, policy: str | None = None,
 ) -> EditHparams:
     """The hyperparameters an edit will use: the model's defaults, updated by ``hparams`` (an
-    :class:`EditHparams` replaces them, a dict changes fields), ``layers`` and ``projection``."""
+    :class:`EditHparams` replaces them, a dict changes fields), ``layers`` and ``projection``.
+
+    ``method`` is a registered solver's name (:mod:`factlab.edit.registry`; unknown names raise listing them);
+    its defaults are those of its ``hparams_from`` built-in. ``policy`` (default: the solver's) is checked
+    against the layers.
+    """
     method = method.lower()
-    if method not in METHODS:
-        raise EditError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    solver, pol = get_method(method, policy)
     if isinstance(hparams, EditHparams):
         hp = hparams
     else:
-        hp = default_hparams(lm, method)
+        hp = default_hparams(lm, solver.hparams_from)
+        if solver.hparams_from != method:
+            hp = hp.replace(source=hp.source + f"; {method} starts from the {solver.hparams_from} defaults")
         if hparams:
             hp = hp.replace(**dict(hparams))
     if layers is not None:
@@ -48,8 +55,9 @@ def resolve_hparams(
     for layer in hp.layers:
         if not 0 <= layer < lm.adapter.n_layers:
             raise EditError(f"edit layer {layer} is outside this model's layers 0..{lm.adapter.n_layers - 1}")
-    if method == "rome" and len(hp.layers) != 1:
-        raise EditError(f"ROME edits one layer, got layers {list(hp.layers)}; use method='memit' or 'emmet' to spread an edit over several")
+    if pol.one_layer and len(hp.layers) != 1:
+        raise EditError(f"{method.upper()} edits one layer (policy {policy or solver.default_policy!r}), got layers {list(hp.layers)}; "
+                        "use method='memit' or 'emmet' (or policy='spread') to spread an edit over several")
     return hp
 
 
@@ -81,6 +89,31 @@ def resolve_stats(lm: LoadedModel, projs: dict[int, Projection], hp: EditHparams
         if m.dim != d_in:
             raise EditError(f"statistics for layer {layer} are {m.dim}-dimensional but {projs[layer].key_site} has {d_in} dims; pass the right statistics")
         check_finite(m, f"for layer {layer} ({projs[layer].key_site})")
+    return out
+
+
+def resolve_history(lm: LoadedModel, projs: dict[int, Projection], history: HistoryArg) -> dict[str, torch.Tensor]:
+    """The ``history`` entries of this edit's key sites as float64 (d_in, d_in); checked before any work.
+
+    Entries for other sites are ignored (a stream keeps one for every site it has edited).
+    """
+    if history is None:
+        return {}
+    if not isinstance(history, Mapping):
+        raise EditError(f"history must map key sites (e.g. 'layer.4.mlp.key') to (d_in, d_in) matrices, not {type(history).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for layer, proj in projs.items():
+        H = history.get(proj.key_site)
+        if H is None:
+            continue
+        H = torch.as_tensor(H).detach().cpu().double()
+        d_in = proj.weight(lm.model).shape[1]
+        if H.shape != (d_in, d_in):
+            raise EditError(f"history[{proj.key_site!r}] has shape {tuple(H.shape)} but the key site has {d_in} dims; "
+                            f"pass the sum of K_p K_p^T ({d_in} x {d_in}) of earlier edits at that site")
+        if not bool(torch.isfinite(H).all()):
+            raise EditError(f"history[{proj.key_site!r}] holds NaN/inf; rebuild it from the earlier results' solves keys")
+        out[proj.key_site] = H
     return out
 
 
@@ -118,14 +151,18 @@ def edit(
     projection: str | None = None,
     on_known: OnKnown = "error",
     value_cache: ValueCache | str | Path | None = None,
+    policy: str | None = None,
+    history: HistoryArg = None,
 ) -> EditResult:
     """Rewrite facts in ``lm``'s weights and return what was done (the model is edited on return).
 
     Args:
         requests: one or many :class:`Request` (or CounterFact ``requested_rewrite``-shaped dicts).
-        method: ``"rome"`` (one layer, equality constraint; several requests are applied one after
-            another, each on the already-edited model), ``"memit"`` (least squares, spread over
-            layers) or ``"emmet"`` (equality constraint for the whole batch).
+        method: a registered solver (:mod:`factlab.edit.registry`): ``"rome"`` (one layer, equality
+            constraint; several requests are applied one after another, each on the already-edited model),
+            ``"memit"`` (least squares, spread over layers), ``"emmet"`` (equality constraint for the whole
+            batch), ``"memit_history"`` (MEMIT with earlier keys in the inverse), ``"alphaedit"`` (null-space
+            projected, earlier keys in the inverse) or one registered from outside.
         layers: edit layers (default: the model's table entry, see :mod:`factlab.edit.hparams`).
         hparams: an :class:`EditHparams`, or a dict of fields to change in the defaults.
         stats: second moments keyed by key site (``"layer.5.mlp.key"``) or layer; missing ones are
@@ -137,18 +174,27 @@ def edit(
             values across calls on the *same unedited weights* (e.g. one fact at several batch sizes);
             used only for values computed before this call's first update. Leave it ``None`` when the
             model may already carry edits.
+        policy: a registered policy (``"per_request"``, ``"single_layer"``, ``"spread"``, ``"auto"``, ...);
+            default the solver's.
+        history: earlier edits at each key site: ``{"layer.4.mlp.key": H}`` with ``H`` (d_in, d_in) the sum of
+            ``K_p K_p^T`` over earlier edits (accumulate it from ``result.solves[i]["keys"]`` and
+            ``result.solves[i]["site"]``). Solvers with ``uses_history`` read it (a missing site means no earlier
+            edits there); for the others it is accepted and ignored, so a stream can always pass it. Entries for
+            sites this edit does not touch are ignored; an entry with the wrong shape or NaN/inf raises.
 
     Raises :class:`~factlab.edit.errors.EditError` subclasses; on any error the weights are left as they were.
     """
     method = method.lower()
     t_all = time.perf_counter()
     reqs = as_requests(requests)
-    hp = resolve_hparams(lm, method, hparams, layers, projection)
+    hp = resolve_hparams(lm, method, hparams, layers, projection, policy=policy)
+    solver, pol = get_method(method, policy)
     if on_known not in ("error", "skip", "edit"):
         raise EditError(f"on_known must be 'error', 'skip' or 'edit', not {on_known!r}")
-    check_conflicts(reqs, strict=method == "emmet")
+    check_conflicts(reqs, strict=solver.strict_conflicts)
     adapter = lm.adapter
     projs = {layer: adapter.projection(layer, hp.projection) for layer in hp.layers}
+    hist = resolve_history(lm, projs, history)
     names = {layer: f"{p.module}.weight" for layer, p in projs.items()}
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -167,17 +213,19 @@ def edit(
     solves: list[dict[str, Any]] = []
     value_info: list[dict[str, Any]] = []
 
+    solver_log: list[dict[str, Any]] = []
+
     def objective(layer: int, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from factlab.edit.policy import projection_output
 
-        solves.append({"layer": layer, "keys": K.double(), "residuals": R.double(),
+        site = projs[layer].key_site
+        solves.append({"layer": layer, "site": site, "keys": K.double(), "residuals": R.double(),
                        "targets": projection_output(lm, projs[layer], K) + R.double()})
-        if method == "rome":
-            return rome_factors(C[layer].factor(1.0, hp.ridge), K[0], R[0])
-        L = C[layer].factor(hp.mom2_update_weight, hp.ridge)
-        if method == "emmet":
-            return emmet_factors(L, K.T, R.T, hp.emmet_lambda)
-        return memit_factors(L, K.T, R.T)
+        inp = SolveInput(stats=C[layer], K=K.T, R=R.T, hp=hp, history=hist.get(site) if solver.uses_history else None, site=site)
+        A, B = solver.solve(inp)
+        solves[-1]["solver_info"] = inp.info
+        solver_log.append({"layer": layer, "site": site, "n": int(K.shape[0])} | inp.info)
+        return A, B
 
     @torch.no_grad()
     def update(layer: int, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -207,15 +255,9 @@ def edit(
         return check
 
     try:
-        kw = dict(hp=hp, templates=templates, key_templates=key_templates, objective=objective, update=update, timings=timings)
         cache = ValueCache(Path(value_cache)) if isinstance(value_cache, (str, Path)) else value_cache
-        if method == "rome":  # each request is solved on the model the earlier ones edited: only the first may be cached
-            for i, r in enumerate(reqs):
-                single_layer(lm, [r], projs[hp.layers[0]], check_values=check_values(i), value_cache=cache if i == 0 else None, **kw)
-        elif len(hp.layers) == 1 and method == "emmet":
-            single_layer(lm, reqs, projs[hp.layers[0]], check_values=check_values(0), value_cache=cache, **kw)
-        else:
-            spread(lm, reqs, projs, check_values=check_values(0), value_cache=cache, **kw)
+        pol.run(PolicyRun(lm=lm, requests=reqs, projs=projs, hp=hp, templates=templates, key_templates=key_templates,
+                          objective=objective, update=update, check_values=check_values, timings=timings, value_cache=cache))
     except BaseException:
         with torch.no_grad():
             for n, orig in originals.items():
@@ -225,7 +267,9 @@ def edit(
     metadata = {
         "method": method,
         "layers": list(hp.layers),
-        "policy": "single" if (method == "rome" or (method == "emmet" and len(hp.layers) == 1)) else "spread",
+        "policy": pol.label(hp),
+        "solver": {"name": method, "policy": policy or solver.default_policy, "uses_history": solver.uses_history,
+                   "history_sites": sorted(hist) if solver.uses_history else [], "solves": solver_log},
         "projection": {n: projs[layer].name for layer, n in names.items()},
         "hparams": hp.to_dict(),
         "requests": [r.to_dict() for r in reqs],

@@ -15,6 +15,7 @@ from factlab.edit.errors import EditError
 Method = Literal["rome", "memit", "emmet"]
 METHODS: tuple[str, ...] = ("rome", "memit", "emmet")
 KeyMode = Literal["prefix_avg", "prompt"]
+EarlyStop = Literal["loss", "top1"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,28 @@ class EditHparams:
         clamp_norm_factor: ``||delta|| <= clamp_norm_factor * ||v0||`` after every step.
         kl_factor: weight of KL(P_delta || P_0) on the ``"{subject} is a"`` prompt at the subject's last token.
         early_stop_loss: a request stops optimising once its total loss is below this.
+        early_stop: ``"loss"`` (only the loss rule above; the reference ROME/MEMIT) or ``"top1"``: ENCORE's
+            most-probable early stopping (MPES) on top of the loss rule - a request also stops at the
+            ``top1_count``-th step (counted, not necessarily consecutive) at which every target token is the
+            teacher-forced argmax on every *context-prefixed* prompt (the bare prompt is not checked);
+            ``encore/compute_z.py`` of scalable-model-editing/knowledge-editing-regularization
+            (algorithms.md §15.3).
+        top1_count: ENCORE's ``|prob_cutoff|`` (4 GPT2-XL, 3 Llama2-7B, 2 Llama3-8B in ``hparams/ENCORE``);
+            default 1: stop at the first step at which the target is the top-1.
         context: context-prefix spec ``((length, count), ...)``; ``"{}"`` (no prefix) is always included.
         key_mode: ``prefix_avg`` (keys averaged over the prefixed prompts: r-ROME, the reference default)
             or ``prompt`` (bare prompt only: p-ROME).
         mom2_update_weight: ``lambda`` scaling ``C`` (MEMIT: ``lambda C + K K^T``; EMMET: ``C_s = lambda C``).
         emmet_lambda: ridge added to ``K^T C_s^-1 K`` when EMMET edits more than one fact.
         ridge: added to ``C`` as ``ridge * mean(diag C) * I`` (0: none; use it for rank-deficient statistics).
+        nullspace_threshold: AlphaEdit keeps the eigenvectors of the (unscaled, ridge-free) statistics ``C``
+            whose eigenvalue is below this absolute value as the null space it edits in; default ``2e-2``,
+            ``nullspace_threshold`` of every ``hparams/AlphaEdit/*.json`` in jianghoucheng/AlphaEdit
+            (algorithms.md §15.1). It is on the per-token second-moment scale, so the kept dimension
+            depends on the model and layer (it is logged in the result's metadata).
+        alphaedit_l2: the multiple of ``I`` in AlphaEdit's inverse ``(K_p K_p^T P + K K^T P + l2 I)^-1``;
+            default ``10``, ``L2`` of every ``hparams/AlphaEdit/*.json`` (the paper's Eq. 14 writes 1;
+            algorithms.md §15.1).
         v_batch: requests whose values are optimised together (memory vs speed; results do not depend on it).
         stats_corpus, stats_samples, stats_max_length: default statistics (chunks of ``stats_max_length``
             tokens; ``stats_samples`` chunks).
@@ -50,11 +67,15 @@ class EditHparams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    early_stop: EarlyStop = "loss"
+    top1_count: int = 1
     context: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     key_mode: KeyMode = "prefix_avg"
     mom2_update_weight: float = 15000.0
     emmet_lambda: float = 0.1
     ridge: float = 0.0
+    nullspace_threshold: float = 2e-2
+    alphaedit_l2: float = 10.0
     v_batch: int = 16
     stats_corpus: str = "wikitext-2"
     stats_samples: int = 400
@@ -68,9 +89,13 @@ class EditHparams:
             raise EditError("hparams.layers is empty; give at least one edit layer")
         if self.key_mode not in ("prefix_avg", "prompt"):
             raise EditError(f"key_mode must be 'prefix_avg' or 'prompt', not {self.key_mode!r}")
-        for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight"):
+        for name in ("v_lr", "clamp_norm_factor", "mom2_update_weight", "nullspace_threshold", "alphaedit_l2"):
             if not getattr(self, name) > 0:
                 raise EditError(f"hparams.{name} must be positive")
+        if self.early_stop not in ("loss", "top1"):
+            raise EditError(f"early_stop must be 'loss' or 'top1' (ENCORE's most-probable early stopping), not {self.early_stop!r}")
+        if self.top1_count < 1:
+            raise EditError(f"top1_count must be >= 1 (steps at which the target is the top-1 before stopping), not {self.top1_count}")
         if self.v_steps < 0 or self.v_batch < 1 or self.stats_samples < 1:
             raise EditError("v_steps must be >= 0, v_batch and stats_samples >= 1")
 

@@ -9,6 +9,11 @@ Notation: ``C`` (d_in x d_in) second moment, ``K`` (d_in x n) keys, ``R`` (d_out
 - MEMIT (least squares ``lambda ||Delta K0||^2 + ||W' K - V||^2``): ``Delta = R K^T (lambda C + K K^T)^-1``,
   computed by Woodbury from the Cholesky factor of ``lambda C`` (an n x n solve instead of d_in x d_in).
 
+- MEMIT with history (the RLS form; AlphaEdit's ``MEMIT_seq``, algorithms.md §15.1): ``H = K_p K_p^T`` sums the
+  keys of earlier edits at the layer, ``Delta = R K^T (lambda C + H + K K^T)^-1`` (Woodbury on ``lambda C + H``).
+- AlphaEdit (algorithms.md §15.1, paper Eq. 14 with the code's ``L2``): ``P`` projects onto the eigenvectors of ``C``
+  with eigenvalue below a threshold; ``Delta = R K^T P (H P + K K^T P + l2 I)^-1``.
+
 ``C^-1`` is never formed: triangular solves with the Cholesky factor ``L`` (``C = L L^T``).
 """
 
@@ -72,6 +77,43 @@ def memit_factors(L_scaled: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> t
     M = _solve_c(L, K)
     S = torch.eye(n, dtype=M.dtype, device=M.device) + K.T @ M
     B = torch.linalg.solve(S, M.T).T  # M S^-1  (S = S^T)
+    _check(B, R)
+    return R.clone(), B
+
+
+def memit_history_factors(C_scaled: torch.Tensor, H: torch.Tensor | None, K: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT with earlier keys in the inverse: ``A = R``, ``B = (lambda C + H + K K^T)^-1 K``.
+
+    ``C_scaled`` (d_in, d_in) is ``lambda C`` (ridge included), ``H`` (d_in, d_in) the sum of ``K_p K_p^T`` over
+    earlier edits (None: none, which is plain MEMIT), ``K`` (d_in, n), ``R`` (d_out, n).
+    """
+    M = C_scaled.double() if H is None else C_scaled.double() + H.double()
+    L, info = torch.linalg.cholesky_ex((M + M.T) / 2)
+    if int(info) != 0:
+        raise SingularStatisticsError("lambda C + K_p K_p^T is not positive definite; set hparams ridge > 0 (e.g. 1e-4) or use more statistics tokens")
+    return memit_factors(L, K, R)
+
+
+def null_space_projector(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's projector: ``(P, eigenvalues)`` with ``P = U U^T`` (d_in, d_in) float64 over the eigenvectors
+    ``U`` of the symmetric ``C`` (d_in, d_in) whose eigenvalue is below ``threshold`` (absolute); ``eigenvalues``
+    (d_in,) ascending, so the kept dimension is ``(eigenvalues < threshold).sum()``."""
+    C = C.double()
+    evals, U = torch.linalg.eigh((C + C.T) / 2)
+    Uk = U[:, evals < threshold]
+    return Uk @ Uk.T, evals
+
+
+def alphaedit_factors(P: torch.Tensor, H: torch.Tensor | None, K: torch.Tensor, R: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit: ``A = R``, ``B = (P S + l2 I)^-1 P K`` with ``S = H + K K^T``, so that
+    ``A B^T = R K^T P (S P + l2 I)^-1`` (``P``, ``H``: (d_in, d_in); ``K``: (d_in, n); ``R``: (d_out, n)).
+
+    ``B`` lies in range(P) (``l2 B = P (K - S B)``), so ``Delta x = 0`` for every ``x`` with ``P x = 0``.
+    """
+    P, K, R = P.double(), K.double(), R.double()
+    S = K @ K.T if H is None else H.double() + K @ K.T
+    M = P @ S + l2 * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+    B = torch.linalg.solve(M, P @ K)
     _check(B, R)
     return R.clone(), B
 

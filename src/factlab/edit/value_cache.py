@@ -32,6 +32,9 @@ from factlab.models import LoadedModel
 
 #: hyperparameters the value optimisation reads (``v_batch`` only changes speed)
 VALUE_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss")
+#: value-changing switches added later, with their defaults: in the key only when not at the default, so
+#: values cached before they existed keep their keys
+SWITCH_FIELDS = (("early_stop", "loss"), ("top1_count", 1))
 _LISTS = ("known", "prob_before", "prob_after", "loss", "steps")
 
 
@@ -48,7 +51,7 @@ class ValueCache:
             "site": site,
             "layer": layer,
             "templates": list(templates),
-            "hparams": {f: getattr(hp, f) for f in VALUE_FIELDS},
+            "hparams": _value_hparams(hp),
             "request": request.to_dict(),
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
@@ -70,6 +73,16 @@ class ValueCache:
         save_tensors(self.root / f"{key}.safetensors", {"v0": one.v0.contiguous(), "delta": one.delta.contiguous()})
         write_json(self.root / f"{key}.json", {"site": one.site, "identity": identity, **{k: getattr(one, k)[0] for k in _LISTS}})
         return one
+
+
+def _value_hparams(hp: EditHparams) -> dict:
+    """The hyperparameters in a value's key: :data:`VALUE_FIELDS`, and each switch not at its default
+    (``top1_count`` only matters with ``early_stop="top1"``)."""
+    out = {f: getattr(hp, f) for f in VALUE_FIELDS}
+    for f, default in SWITCH_FIELDS:
+        if getattr(hp, f) != default and (f != "top1_count" or hp.early_stop == "top1"):
+            out[f] = getattr(hp, f)
+    return out
 
 
 def _row(vals: Values, i: int) -> Values:

@@ -4,7 +4,10 @@ predict the new target on every context-prefixed prompt (algorithms.md §5.2, §
 Loss per request (as the reference): mean over prefixed prompts of the per-token target NLL (teacher
 forced) + ``kl_factor * KL(P_delta || P_0)`` of the next-token distribution at the subject's last token
 of ``"{subject} is a"`` + ``v_weight_decay * ||delta|| / ||v0||^2``; Adam; ``||delta||`` clamped to
-``clamp_norm_factor * ||v0||``; a request stops once its loss is below ``early_stop_loss``.
+``clamp_norm_factor * ||v0||``; a request stops once its loss is below ``early_stop_loss``, and with
+``early_stop="top1"`` also at the ``top1_count``-th step at which every target token is the argmax on every
+context-prefixed prompt (ENCORE's most-probable early stopping, algorithms.md §15.3; read from the logits
+the step computes anyway). Either stop is decided before that step's update, as the references do.
 
 Exact speed-ups over the reference: blocks below the edit layer run once (their output cannot change)
 and each step resumes from there; for families with an exact KV cache, positions before every row's
@@ -23,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from factlab.edit.errors import DivergenceError
+from factlab.edit.errors import DivergenceError, EditError
 from factlab.edit.hparams import EditHparams
 from factlab.edit.keys import Row, batch_rows, subject_row
 from factlab.edit.requests import Request
@@ -99,6 +102,8 @@ class _Plan:
     t_tok: torch.Tensor
     t_req: torch.Tensor
     t_w: torch.Tensor
+    #: per target token: whether its row is a context-prefixed prompt (template > 0)
+    t_prefixed: torch.Tensor
     #: rows of the bare prompt (template 0) per request, and the KL row per request
     plain_row: torch.Tensor
     kl_row: torch.Tensor
@@ -124,10 +129,12 @@ def _plan(lm: LoadedModel, requests: list[Request], templates: list[str]) -> tup
         kl.append(len(rows))
         rows.append(subject_row(lm, KL_TEMPLATE.replace("{}", r.subject), r.subject, i))
     batch, pos = batch_rows(lm, rows)
-    t_row, t_pos, t_tok, t_req, t_w = [], [], [], [], []
+    t_row, t_pos, t_tok, t_req, t_w, t_pre = [], [], [], [], [], []
+    plain_set = set(plain)
     for row_i, n_prompt, tgt, req, n_t in targets:
         for j, tok in enumerate(tgt):
             t_row.append(row_i)
+            t_pre.append(row_i not in plain_set)
             t_pos.append(batch.position(row_i, n_prompt - 1 + j))
             t_tok.append(tok)
             t_req.append(req)
@@ -140,6 +147,7 @@ def _plan(lm: LoadedModel, requests: list[Request], templates: list[str]) -> tup
         torch.tensor(t_tok, dtype=L),
         torch.tensor(t_req, dtype=L),
         torch.tensor(t_w, dtype=torch.float32),
+        torch.tensor(t_pre, dtype=torch.bool),
         torch.tensor(plain, dtype=L),
         torch.tensor(kl, dtype=L),
         torch.tensor([r.request for r in rows], dtype=L),
@@ -171,6 +179,11 @@ def _optimise_chunk(
     lm: LoadedModel, requests: list[Request], *, site: str, layer: int, templates: list[str], hp: EditHparams
 ) -> Values:
     n = len(requests)
+    if hp.early_stop == "top1" and len(templates) < 2:
+        raise EditError(
+            "early_stop='top1' checks the target on the context-prefixed prompts, and there are none; "
+            "give hparams.context at least one (length, count) pair, or use early_stop='loss'"
+        )
     plan, batch, subj_pos = _plan(lm, requests, templates)
     adapter = lm.adapter
     last_site = f"layer.{adapter.n_layers - 1}.resid"
@@ -226,6 +239,7 @@ def _optimise_chunk(
     active = torch.ones(n, dtype=torch.bool)
     steps, loss_out = [0] * n, [float("nan")] * n
     known, prob_before = [False] * n, [0.0] * n
+    top1_steps = torch.zeros(n, dtype=torch.long)  # steps at which the target was the top-1 (early_stop="top1")
     kl_init = v0 = opt = None
     with frozen_parameters(lm), torch.enable_grad():
         for it in range(max(1, hp.v_steps)):
@@ -261,6 +275,9 @@ def _optimise_chunk(
             for j in act_req.tolist():
                 loss_out[j], steps[j] = float(per_req[j].detach()), it + 1
             still = active & ~(per_req.detach() < hp.early_stop_loss)
+            if hp.early_stop == "top1":
+                top1_steps += _all_top1(plan, sel_t, logits_t.detach().argmax(-1).cpu(), n) & active
+                still &= top1_steps < hp.top1_count
             if it == hp.v_steps - 1 or hp.v_steps == 0 or not bool(still.any()):
                 break
             opt.zero_grad()
@@ -322,6 +339,18 @@ def _record_before(plan: _Plan, logits_t: torch.Tensor, known: list[bool], prob_
         m = is_plain & (plan.t_req == j)
         known[j] = bool(hit[m].all())
         prob_before[j] = float(p[m].mean())
+
+
+def _all_top1(plan: _Plan, sel_t: torch.Tensor, argmax: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n,)`` bool: every target token of the request is the argmax on every context-prefixed prompt.
+
+    ``argmax`` holds the predicted token at the selected target tokens ``plan.t_*[sel_t]`` (in that order);
+    requests with no selected token come out False."""
+    pre = plan.t_prefixed[sel_t]
+    req, miss = plan.t_req[sel_t][pre], (argmax != plan.t_tok[sel_t])[pre]
+    n_tok = torch.zeros(n, dtype=torch.long).index_add(0, req, torch.ones_like(req))
+    n_miss = torch.zeros(n, dtype=torch.long).index_add(0, req, miss.long())
+    return (n_tok > 0) & (n_miss == 0)
 
 
 def _prob_plain(lm: LoadedModel, plan: _Plan, forward) -> list[float]:

@@ -5,6 +5,12 @@ target_true}: ``nll(c) = -(1/m) * sum_j log P(c_j | p, c_<j)`` over the m tokens
 (**per-token mean** of the log-probabilities, not the sum). Then, averaged over the case's prompts:
 ES = [nll_true > nll_new], EM = exp(-nll_new) - exp(-nll_true), PS/PM the same on paraphrases,
 NS = [nll_true < nll_new], NM = exp(-nll_true) - exp(-nll_new). Cases are then averaged.
+
+Generative metrics (``gen_*``, :mod:`.generative`), with ``generative=True``: each prompt is greedily
+decoded for (the longer of the two targets' token lengths + 5) tokens, cut at the first newline, and
+``gen_efficacy`` / ``gen_paraphrase`` count the prompts whose text contains target_new (normalised),
+``gen_efficacy_old`` / ``gen_paraphrase_old`` those that still contain target_true, and
+``gen_neighborhood`` the neighbourhood prompts whose text still contains target_true.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 
 from factlab.data import CounterFactRecord
 from factlab.evaluate.fluency import GenerationConfig, TfidfReference, generate_texts, ngram_entropy
+from factlab.evaluate.generative import GENERATIVE_DEFAULT, greedy_generate, target_budget
 from factlab.evaluate.scoring import score_continuations
 from factlab.models.loading import LoadedModel
 
@@ -75,6 +82,35 @@ def metrics_from_scores(scores: dict[str, list[dict[str, Any]]]) -> dict[str, fl
     return m
 
 
+def generate_record(lm: LoadedModel, record: CounterFactRecord) -> dict[str, list[dict[str, Any]]]:
+    """Per prompt of each kind: ``gen_text`` (greedy continuation, cut at the first newline), ``gen_new`` /
+    ``gen_true`` (whether target_new / target_true appears in it, normalised). One batch per case."""
+    sets = prompt_sets(record)
+    targets = [" " + record.target_new, " " + record.target_true]
+    prompts = [p for ps in sets.values() for p in ps]
+    budgets = [target_budget(lm, p, targets) for p in prompts]
+    gens = iter(greedy_generate(lm, prompts, budgets, batch_size=max(1, len(prompts))))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind, ps in sets.items():
+        rows = []
+        for _ in ps:
+            g = next(gens)
+            rows.append({"gen_text": g.text, "gen_new": g.says(record.target_new), "gen_true": g.says(record.target_true)})
+        out[kind] = rows
+    return out
+
+
+def generative_metrics_from_scores(scores: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """The per-case generative metrics (fractions) from score rows carrying ``gen_new`` / ``gen_true``."""
+    m: dict[str, float] = {}
+    for kind, name in (("rewrite", "gen_efficacy"), ("paraphrase", "gen_paraphrase")):
+        rows = scores[kind]
+        m[name] = _mean([float(r["gen_new"]) for r in rows])
+        m[f"{name}_old"] = _mean([float(r["gen_true"]) for r in rows])
+    m["gen_neighborhood"] = _mean([float(r["gen_true"]) for r in scores["neighborhood"]])
+    return m
+
+
 def generation_metrics(
     lm: LoadedModel, record: CounterFactRecord, cfg: GenerationConfig, reference: TfidfReference | None
 ) -> tuple[dict[str, float], list[str]]:
@@ -98,10 +134,19 @@ def evaluate_record(
     generation: GenerationConfig | None,
     reference: TfidfReference | None = None,
     keep_texts: bool = False,
+    generative: bool = GENERATIVE_DEFAULT,
 ) -> dict[str, Any]:
-    """All metrics of one case on the model as it is now: ``{"metrics": {...}, "scores": {...}}``."""
+    """All metrics of one case on the model as it is now: ``{"metrics": {...}, "scores": {...}}``.
+
+    ``generative``: also greedy-decode every prompt and report the ``gen_*`` metrics (their per-prompt
+    texts and hits join the score rows as ``gen_text`` / ``gen_new`` / ``gen_true``)."""
     scores = score_record(lm, record)
     metrics = metrics_from_scores(scores)
+    if generative:
+        for kind, rows in generate_record(lm, record).items():
+            for row, g in zip(scores[kind], rows):
+                row.update(g)
+        metrics.update(generative_metrics_from_scores(scores))
     out: dict[str, Any] = {"metrics": metrics, "scores": scores}
     if generation is not None and generation.applies_to(record.case_id):
         gm, texts = generation_metrics(lm, record, generation, reference)

@@ -3,8 +3,9 @@
 A run directory holds ``config.json`` (the exact configuration, the model's identity -- weights id,
 dtype and attention implementation -- and the data hash; a run dir from a different configuration or
 another dtype is refused, naming the differences), ``cases.jsonl`` (one record per case, appended as each
-completes; ``cases.rank{r}.jsonl`` while several processes run), for sequential runs ``final.jsonl``, and
-``summary.json``. Records are keyed by case id and read back deduplicated, so a run killed at any point
+completes; ``cases.rank{r}.jsonl`` while several processes run), for sequential runs ``final.jsonl`` and
+``stream/`` (an :class:`~factlab.edit.stream.EditStream`: earlier batches' keys reach history-using solvers and
+committed batches are re-applied on resume), and ``summary.json``. Records are keyed by case id and read back deduplicated, so a run killed at any point
 resumes where it stopped with nothing lost or counted twice; while a process writes a run dir it holds
 :func:`factlab.io.run_lock` on it, so a second process started on the same dir fails at once, naming the
 holder. Pre-edit scores depend only on (model and its numerics, data, metric settings) and are cached
@@ -45,7 +46,17 @@ from factlab.progress import progress_bar
 log = logging.getLogger(__name__)
 
 DATASETS = ("counterfact", "zsre", "mquake")
-METHODS = ("none", "rome", "memit", "emmet")
+#: the built-in editing methods (any solver registered with :mod:`factlab.edit.registry` is accepted too)
+METHODS = ("none", "rome", "memit", "emmet", "memit_history", "alphaedit")
+#: sub-folder of a sequential run's folder holding its :class:`~factlab.edit.stream.EditStream`
+STREAM_DIR = "stream"
+
+
+def method_names() -> tuple[str, ...]:
+    """``"none"`` and every registered solver's name (read from the registry now, so late registrations count)."""
+    from factlab.edit.registry import solver_names
+
+    return ("none", *solver_names())
 
 #: ``editor(lm, requests, method, layers, hparams) -> result`` with ``result.restore()``
 Editor = Callable[[LoadedModel, list[dict[str, Any]], str, "list[int] | None", "dict[str, Any] | None"], Any]
@@ -80,13 +91,16 @@ class EvalConfig:
     zsre_convention: str = "rome"
     mquake: MquakeConfig = field(default_factory=MquakeConfig)
     unique_subjects: bool = True
+    generative: bool = True  # gen_* metrics by greedy decoding beside the teacher-forced ones (docs/evaluate.md)
 
     def validate(self) -> None:
         """Refuse settings that are invalid whatever the model (:class:`InputError` naming the fix)."""
         if self.dataset not in DATASETS:
             raise InputError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
-        if self.method not in METHODS:
-            raise InputError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        names = method_names()
+        if self.method not in names:
+            raise InputError(f"method must be one of {', '.join(names)}, not {self.method!r} "
+                             "(register another with factlab.edit.registry.register_solver)")
         if self.batch_size < 1:
             raise InputError("batch_size must be at least 1")
         if self.limit is not None and self.limit < 1:
@@ -110,8 +124,10 @@ class EvalConfig:
             d["generation"] = self.generation.to_dict() if self.uses_generation() else None
             d["reference_dir"] = str(Path(self.reference_dir).resolve()) if self.reference_dir else None
             d["word_tokenizer"] = word_tokenizer_name() if self.uses_generation() else None
+            d["generative"] = self.generative
         elif self.dataset == "zsre":
             d["zsre_convention"] = self.zsre_convention
+            d["generative"] = self.generative
         else:
             d["mquake"] = self.mquake.to_dict()
         return d
@@ -227,9 +243,10 @@ def load_cases(cfg: EvalConfig, records: Sequence[Any] | None = None) -> tuple[l
 def _evaluate(lm: LoadedModel, cfg: EvalConfig, case: Case, reference: TfidfReference | None, *, scores_only: bool = False) -> dict[str, Any]:
     if cfg.dataset == "counterfact":
         gen = cfg.generation if (cfg.uses_generation() and not scores_only) else None
-        return cf.evaluate_record(lm, case.record, generation=gen, reference=reference if gen else None)
+        return cf.evaluate_record(lm, case.record, generation=gen, reference=reference if gen else None,
+                                  generative=cfg.generative and not scores_only)
     if cfg.dataset == "zsre":
-        return zs.evaluate_record(lm, case.record, convention=cfg.zsre_convention)  # type: ignore[arg-type]
+        return zs.evaluate_record(lm, case.record, convention=cfg.zsre_convention, generative=cfg.generative)  # type: ignore[arg-type]
     return mq.evaluate_case(lm, case.record, cfg=cfg.mquake)
 
 
@@ -493,6 +510,7 @@ def evaluate(
     reference_dir: str | None = None,
     zsre_convention: str = "rome",
     mquake: MquakeConfig = MquakeConfig(),
+    generative: bool = True,
     editor: Editor | None = None,
     pre_cache_dir: str | os.PathLike[str] | None = None,
     dist: DistContext | None = None,
@@ -505,9 +523,10 @@ def evaluate(
     ``dataset``: ``"counterfact"``, ``"zsre"``, ``"mquake"`` (files found as :mod:`factlab.data`
     does; ``data_path``/``data_file`` override), or ``(name, records)`` with records loaded by
     :mod:`factlab.data` (their hash then stands in for the file's).
+    ``method``: ``"none"`` or any solver registered in :mod:`factlab.edit.registry` (checked when the run starts).
     Cases are edited ``batch_size`` at a time; each batch is restored before the next unless
-    ``sequential`` (then a final pass scores every case on the last model, phase ``final``, and
-    the model is restored at the end). ``out``: run directory (resumable); without it, a temporary
+    ``sequential`` (then the batches go through an edit stream in ``out/stream``, a final pass scores every case
+    on the last model, phase ``final``, and the model is restored at the end). ``out``: run directory (resumable); without it, a temporary
     one is used. ``editor`` replaces :func:`default_editor` (for other editors or tests). Under
     ``torchrun`` cases are split across processes and rank 0 writes the merged summary; every rank
     returns it. The model is unchanged on return. ``reuse_values``, ``strict_records`` and the errors raised
@@ -534,6 +553,7 @@ def evaluate(
         reference_dir=reference_dir,
         zsre_convention=zsre_convention,
         mquake=mquake,
+        generative=generative,
     )
     return run_evaluation(lm, cfg, out=out, records=records, editor=editor, pre_cache_dir=pre_cache_dir, dist=dist, on_record=on_record,
                           reuse_values=reuse_values, strict_records=strict_records)
@@ -628,7 +648,7 @@ def _run_locked(lm: LoadedModel, cfg: EvalConfig, run_dir: Path, cases: list[Cas
         editor_fn = functools.partial(default_editor, value_cache=cache_dir() / "edit" / "values")
     batches = [selected[i : i + cfg.batch_size] for i in range(0, len(selected), cfg.batch_size)]
     if cfg.sequential:
-        _run_sequential(run, run_dir, batches, editor_fn, on_record)
+        _run_sequential(run, run_dir, batches, editor, on_record)
     else:
         _run_batches(run, run_dir, batches, editor_fn, on_record)
     dist.barrier()
@@ -717,35 +737,99 @@ def _run_batches(run: _Run, run_dir: Path, batches: list[list[Case]], editor: Ed
                     result.restore()
 
 
-def _sequential_edit(run: _Run, saved: Path, batch: list[Case], editor: Editor) -> Any:
-    """Apply batch ``k``'s edit: re-applied from ``saved`` when an earlier (killed) run saved it, else
-    computed now and saved (when the result can be saved) so a resumed run rebuilds the same weights."""
-    if saved.is_dir():
-        try:
+class _EditorEdits:
+    """Sequential edits made by a caller's ``editor`` (no history): each batch's result saved under
+    ``edits/batch_*`` when it can be saved, and re-applied from there on resume."""
+
+    def __init__(self, run: _Run, run_dir: Path, editor: Editor) -> None:
+        self.run, self.run_dir, self.editor = run, run_dir, editor
+        self.applied: list[Any] = []
+
+    def prepare(self, first_incomplete: int) -> None:
+        """Nothing to undo: batches are (re-)applied in order by :meth:`add`."""
+
+    def add(self, k: int, batch: list[Case]) -> None:
+        saved = self.run_dir / "edits" / f"batch_{k:05d}"
+        if saved.is_dir():
             from factlab.edit import EditResult
 
-            return EditResult.load(saved, run.lm).apply()
-        except ImportError:  # pragma: no cover
-            pass
-    result = editor(run.lm, [rq for c in batch for rq in c.requests], run.cfg.method, run.cfg.layers, run.cfg.hparams)
-    if hasattr(result, "save"):
-        result.save(saved)
-    return result
+            self.applied.append(EditResult.load(saved, self.run.lm).apply())
+            return
+        result = self.editor(self.run.lm, _requests(batch), self.run.cfg.method, self.run.cfg.layers, self.run.cfg.hparams)
+        if hasattr(result, "save"):
+            result.save(saved)
+        self.applied.append(result)
+
+    def close(self) -> None:
+        """Restore the unedited weights."""
+        for r in reversed(self.applied):
+            r.restore()
 
 
-def _run_sequential(run: _Run, run_dir: Path, batches: list[list[Case]], editor: Editor, on_record) -> None:
+class _StreamEdits:
+    """Sequential edits through an :class:`~factlab.edit.stream.EditStream` in ``run_dir/stream``: earlier batches'
+    keys reach history-using solvers, and a resumed run re-applies the committed batches (checked bit for bit
+    against the weights they were made on) instead of editing them again."""
+
+    def __init__(self, run: _Run, run_dir: Path) -> None:
+        from factlab.edit.stream import EditStream
+
+        cfg = run.cfg
+        # the papers edit every case, also those whose target the model already predicts (as default_editor)
+        self.stream = EditStream(run.lm, run_dir / STREAM_DIR, method=cfg.method, layers=cfg.layers,
+                                 hparams=cfg.hparams, on_known="edit")
+
+    def prepare(self, first_incomplete: int) -> None:
+        """Roll the stream back so that batch ``first_incomplete`` is its newest: its missing cases must be scored
+        on the model after that batch, not after later ones (only after a damaged or hand-edited run folder)."""
+        if first_incomplete + 1 < len(self.stream):
+            log.warning("batch %d has unscored cases but the stream holds %d batches; rolling it back to %d",
+                        first_incomplete, len(self.stream), first_incomplete + 1)
+            self.stream.rollback(to=first_incomplete + 1)
+
+    def add(self, k: int, batch: list[Case]) -> None:
+        """Batch ``k`` on the model: already there when the stream committed it (its requests must match)."""
+        from factlab.edit.stream import StreamMismatchError, batch_id
+
+        reqs = _requests(batch)
+        if k < len(self.stream):
+            if self.stream.to_dict()["log"][k]["id"] != batch_id(reqs):
+                raise StreamMismatchError(f"{self.stream.run_dir} holds another batch {k + 1}; use another --out directory")
+            return
+        self.stream.add(reqs)
+
+    def close(self) -> None:
+        """Restore the unedited weights (the stream folder keeps every batch) and release the stream's lock."""
+        try:
+            for r in reversed(self.stream.results):
+                r.restore()
+        finally:
+            self.stream.close()
+
+
+def _requests(batch: list[Case]) -> list[dict[str, Any]]:
+    return [rq for c in batch for rq in c.requests]
+
+
+def _run_sequential(run: _Run, run_dir: Path, batches: list[list[Case]], editor: Editor | None, on_record) -> None:
+    """Edit batch after batch on one model, scoring each batch's cases after its edit, then every case on the final
+    model (``final.jsonl``). With the default editor (``editor=None``) the edits go through an
+    :class:`~factlab.edit.stream.EditStream` in ``run_dir/stream``; a caller's editor keeps its results under
+    ``edits/``. The model is restored on return."""
     done = read_records(run_dir)
     final_done = read_records(run_dir, "final")
     if all(c.case_id in done and c.case_id in final_done for b in batches for c in b):
         return
     path = run_dir / "cases.jsonl"
-    applied: list[Any] = []
+    incomplete = [k for k, b in enumerate(batches) if any(c.case_id not in done for c in b)]
+    edits = _StreamEdits(run, run_dir) if editor is None else _EditorEdits(run, run_dir, editor)
     n_edits = 0
     try:
+        edits.prepare(incomplete[0] if incomplete else len(batches))
         with progress_bar(desc=f"{run.cfg.dataset} {run.cfg.method} sequential", total=sum(len(b) for b in batches), unit="case") as bar:
             for k, batch in enumerate(batches):
                 t = time.time()
-                applied.append(_sequential_edit(run, run_dir / "edits" / f"batch_{k:05d}", batch, editor))
+                edits.add(k, batch)
                 edit_s = time.time() - t
                 n_edits += sum(len(c.requests) for c in batch)
                 for c in batch:
@@ -764,5 +848,4 @@ def _run_sequential(run: _Run, run_dir: Path, batches: list[list[Case]], editor:
                 append_jsonl(run_dir / "final.jsonl", {"case_id": c.case_id, "final": res["metrics"], "edits_applied": n_edits})
                 bar.update(1)
     finally:
-        for r in reversed(applied):
-            r.restore()
+        edits.close()

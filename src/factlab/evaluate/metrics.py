@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 #: bump when any definition below changes; it is part of every run's configuration
-METRICS_VERSION = "1"
+#: ("2": the generative ``gen_*`` metrics were added)
+METRICS_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ _CF = "kmeng01/rome experiments/py/eval_utils_counterfact.py + experiments/summa
 _NLL = "mean per-token NLL (nats) of ' '+target, teacher-forced after the prompt"
 _ZS = "kmeng01/rome experiments/py/eval_utils_zsre.py + summarize.py"
 _DIFF = dict(bounds=(-1.0, 1.0), interval="t")  # a difference of two probabilities
+_GEN = "greedy continuation of the prompt (no teacher forcing; max_new_tokens = longest target's tokens + 5; cut at EOS and the first newline)"
+_GEN_MATCH = "appears as whole words after normalisation (lowercase, surrounding punctuation stripped)"
+_GEN_REF = "factlab.evaluate.generative; protocol after Yang et al. 2025 (WILD, arXiv 2502.11177)"
 
 METRICS: dict[str, Metric] = {
     m.name: m
@@ -61,11 +65,19 @@ METRICS: dict[str, Metric] = {
         Metric("efficacy_exact_match", "ES-acc", "counterfact", "rewrite prompts whose every target_new token is the teacher-forced argmax (MEMIT rewrite_prompts_correct)", _CF),
         Metric("paraphrase_exact_match", "PS-acc", "counterfact", "as efficacy_exact_match on paraphrase prompts", _CF),
         Metric("neighborhood_exact_match", "NS-acc", "counterfact", "neighbourhood prompts whose every target_true token is the teacher-forced argmax", _CF),
+        Metric("gen_efficacy", "G-ES", "counterfact", f"rewrite prompt whose {_GEN} contains target_new ({_GEN_MATCH})", _GEN_REF),
+        Metric("gen_paraphrase", "G-PS", "counterfact", "as gen_efficacy on the paraphrase prompts, averaged within the case", _GEN_REF),
+        Metric("gen_neighborhood", "G-NS", "counterfact", "neighbourhood prompts whose greedy continuation still contains target_true (as gen_efficacy)", _GEN_REF),
+        Metric("gen_efficacy_old", "G-ES-old", "counterfact", "rewrite prompt whose greedy continuation still contains target_true: the model still says the old fact (lower is better after an edit)", _GEN_REF, higher_is_better=False),
+        Metric("gen_paraphrase_old", "G-PS-old", "counterfact", "as gen_efficacy_old on the paraphrase prompts", _GEN_REF, higher_is_better=False),
         Metric("fluency_ngram_entropy", "GE", "counterfact", "per generated text H2/3 + 2*H3/3 (bits; Hn = entropy of the word n-gram distribution), mean over texts", "kmeng01/rome experiments/py/eval_utils_counterfact.py n_gram_entropy", 100.0, bounds=(0.0, None), interval="t"),
         Metric("reference_tfidf_score", "RS", "counterfact", "cosine of TF-IDF vectors of (all generations joined) and (all attribute snippets of (relation, target_new) joined), ROME's idf.npy / tfidf_vocab.json", "kmeng01/rome eval_utils_counterfact.py tfidf_similarity", interval="t"),
         Metric("rewrite_token_accuracy", "Efficacy", "zsre", "fraction of the tokens of ' '+target that are the teacher-forced argmax after the question; per case, then over cases", _ZS),
         Metric("paraphrase_token_accuracy", "Paraphrase", "zsre", "as rewrite_token_accuracy on the rephrased question", _ZS),
         Metric("specificity_token_accuracy", "Specificity", "zsre", "as rewrite_token_accuracy for ' '+loc_ans after loc+'?' (unrelated NQ question), on the evaluated model", _ZS),
+        Metric("gen_accuracy", "G-Efficacy", "zsre", f"question whose {_GEN} contains the edit target ({_GEN_MATCH})", _GEN_REF),
+        Metric("gen_paraphrase_accuracy", "G-Paraphrase", "zsre", "as gen_accuracy on the rephrased question", _GEN_REF),
+        Metric("gen_specificity_accuracy", "G-Specificity", "zsre", "as gen_accuracy for loc_ans after loc+'?' (on the evaluated model)", _GEN_REF),
         Metric("zsre_score", "Score", "zsre", "harmonic mean of the dataset means of Efficacy, Paraphrase, Specificity (MEMIT Table 1); CI by case bootstrap", "kmeng01/memit paper Table 1", interval="bootstrap"),
         Metric("multihop_accuracy", "MH-acc", "mquake", "case correct if the greedy answer (first line) to ANY of its multi-hop questions contains the expected answer or an alias (word-bounded, case-insensitive); expected = new_answer after editing, answer before", "MQuAKE (Zhong et al. 2023) multi-hop accuracy, zero-shot variant"),
         Metric("multihop_accuracy_original", "MH-orig", "mquake", "as multihop_accuracy but against the original answer (how often the old chain survives)", "factlab"),

@@ -179,7 +179,7 @@ class Summary:
         t = Table(title=title, caption=(
             "mean [95% CI], x100: Wilson for success rates, Student t clipped to the range for other means, "
             f"case bootstrap for the harmonic-mean scores; n=k: the metric covers k cases; *: fewer than {SMALL_N} cases, too few for the "
-            "interval to mean much"))
+            "interval to mean much; gen_* (G-): generative, greedy decoding contains the target; all others teacher-forced"))
         t.add_column("metric")
         t.add_column("abbr")
         for p in phases:
